@@ -1,0 +1,297 @@
+"""The engine: one paged pool, one model, and a decode loop that batches the workers of every job.
+
+``step()`` is one iteration of continuous batching: admit queued jobs whose pages can be reserved, ask
+every running job for its rows (prefill chunks within a per-step token budget, then one row per active
+worker), run them through a single forward pass, sample, and let each job apply its rules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from engine.block_manager import PagePool
+from engine.collab import LAYOUTS, instructions
+from engine.events import Event
+from engine.job import Job, JobOptions
+from engine.layers.attention import ATTENTION_BACKENDS
+from engine.layers.rotary import Rotary
+from engine.model_runner import ModelRunner, Row
+from engine.models.llama import LlamaModel, ModelShape
+from engine.sampling import SamplingParams, sample
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineOptions:
+    page_size: int = 16
+    num_pages: int | None = None  # default: kv_tokens worth of pages
+    kv_tokens: int | None = None  # default: 32768 on CPU, 90% of free memory on CUDA
+    attention: str = "vectorized"
+    prefill_chunk: int = 512  # prompt tokens prefilled per step, over all jobs
+    max_workers: int = 16
+    max_tokens: int = 32768  # per worker
+    max_running_jobs: int = 64
+    max_queued_jobs: int = 256
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, hf_model: Any, tokenizer: Any, device: str | torch.device = "cpu", **options: Any):
+        self.options = EngineOptions(**options)
+        if self.options.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}")
+        config = hf_model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model type {config.model_type!r} is not a supported Llama-family model")
+        self.device = torch.device(device)
+        self.dtype = hf_model.dtype
+        self.tokenizer = tokenizer
+        self.config = config
+        state = hf_model.state_dict()
+        self.shape = ModelShape.from_config(config, state)
+        rotary = Rotary(config, self.shape.head_dim, self.device)
+        with torch.device("meta"):
+            model = LlamaModel(self.shape)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.load_hf_state({k: v.to(self.device) for k, v in state.items()})
+        model.eval()
+        self.model = model
+        self.pool = PagePool(self._num_pages(), self.options.page_size, self.device)
+        self.runner = ModelRunner(model, rotary, self.pool, self.options.attention, self.dtype)
+        self.eos_ids = self._eos_ids(hf_model)
+        self.jobs: dict[str, Job] = {}
+        self.queue: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.outbox: list[Event] = []
+        self.steps = 0
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None, **options: Any
+    ) -> Engine:
+        """Load a hub id, a local folder or a .gguf file; None loads the embedded default model."""
+        from engine.loader import load_hf
+
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+            dtype = DTYPES[dtype]
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        hf_model, tokenizer = load_hf(model, dtype)
+        return cls(hf_model, tokenizer, device=device, **options)
+
+    @classmethod
+    def from_hf(cls, model: Any, tokenizer: Any, **options: Any) -> Engine:
+        """Serve an in-memory transformers model (its weights are copied)."""
+        return cls(model, tokenizer, device=options.pop("device", model.device), **options)
+
+    def _num_pages(self) -> int:
+        opts = self.options
+        if opts.num_pages:
+            return opts.num_pages
+        tokens = opts.kv_tokens
+        if tokens is None:
+            s = self.shape
+            per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                tokens = int(free * 0.9) // per_token
+            else:
+                tokens = 32768
+        return max(1, tokens // opts.page_size)
+
+    def _eos_ids(self, hf_model: Any) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(hf_model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def total_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
+    def free_pages(self) -> int:
+        """Pages no job holds or has reserved."""
+        return self.pool.unreserved
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_ids(self, prompt: str | list[dict[str, str]], workers: int) -> list[int]:
+        """The chat-templated prompt, with the collaboration instructions before the problem."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        users = [m for m in messages if m.get("role") == "user"]
+        if not users:
+            raise ValueError("messages must contain a user message")
+        users[-1]["content"] = instructions(workers) + users[-1]["content"]
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.encode(text)
+        return self.encode("\n\n".join(m["content"] for m in messages) + "\n\n")
+
+    def submit(
+        self,
+        prompt: str | list[dict[str, str]],
+        workers: int = 2,
+        layout: str = "combined",
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        quick_check_every: int = 1024,
+        finisher: bool = True,
+        stop: list[str] | str | None = None,
+        logit_bias: dict[int, float] | None = None,
+        trace: bool = False,
+        job_id: str | None = None,
+    ) -> Job:
+        """Queue a job; raises ValueError with a message naming the problem, QueueFullError if full."""
+        if not isinstance(workers, int) or not 1 <= workers <= self.options.max_workers:
+            raise ValueError(f"workers must be between 1 and {self.options.max_workers}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+        if not 1 <= max_tokens <= self.options.max_tokens:
+            raise ValueError(f"max_tokens must be between 1 and {self.options.max_tokens}")
+        if quick_check_every < 0:
+            raise ValueError("quick_check_every must be >= 0")
+        bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
+        if any(not 0 <= t < self.shape.vocab_size for t, _ in bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.shape.vocab_size})")
+        sampling = SamplingParams(temperature, top_p, top_k, bias)
+        sampling.validate()
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        if len(self.queue) >= self.options.max_queued_jobs:
+            raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
+        stops = tuple([stop] if isinstance(stop, str) else stop or ())
+        opts = JobOptions(
+            workers, layout, max_tokens, sampling, seed, quick_check_every, finisher, 16, stops, trace
+        )
+        ids = self.prompt_ids(prompt, workers)
+        job = Job(job_id or f"job-{uuid.uuid4().hex[:12]}", ids, opts, self.tokenizer, self.encode, self.eos_ids, self.device)
+        if job.id in self.jobs:
+            raise ValueError(f"job id {job.id!r} is already in use")
+        longest = sum(len(t) for _, t in job.prefill) + workers * job.token_cap + len(job.finisher_ids) + 16
+        if longest > self.shape.max_positions:
+            raise ValueError(
+                f"prompt too long: {len(ids)} prompt tokens plus {workers} workers x up to {job.token_cap} "
+                f"tokens exceed the model's {self.shape.max_positions} positions; shorten the prompt or "
+                "lower max_tokens or workers"
+            )
+        if job.pages_needed(self.pool) > self.pool.num_pages:
+            raise ValueError(
+                f"job needs {job.pages_needed(self.pool)} KV pages but the pool has {self.pool.num_pages}; "
+                "lower max_tokens or workers"
+            )
+        self.jobs[job.id] = job
+        self.queue.append(job)
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; its pages are free when this returns."""
+        job = self.jobs.get(job_id)
+        if job is None or job.ended:
+            return False
+        if job in self.queue:
+            self.queue.remove(job)
+        self.outbox += job.cancel()
+        self._retire(job)
+        return True
+
+    def generate(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> Job:
+        """Run one job to completion (other queued jobs advance too)."""
+        job = self.submit(prompt, **kwargs)
+        while not job.ended:
+            self.step()
+        return job
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue or self.running or self.outbox)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        events, self.outbox = self.outbox, []
+        self._admit()
+        batch: list[tuple[Job, int, Row]] = []
+        budget = self.options.prefill_chunk
+        for job in self.running:
+            rows, budget = job.schedule(budget)
+            batch += [(job, w, row) for w, row in rows]
+        if not batch:
+            return events
+        slots = [row.block.extend(self.pool, row.tokens, job.holder) for job, _, row in batch]
+        logits = self.runner.run([row for _, _, row in batch], slots)
+        groups, owners, start = [], [], 0
+        for job in self.running:
+            wanted = [(w, row) for j, w, row in batch if j is job and row.want_logits]
+            if wanted:
+                groups.append((slice(start, start + len(wanted)), job.options.sampling, job.generator))
+                owners += [(job, w) for w, _ in wanted]
+                start += len(wanted)
+        tokens = sample(logits, groups) if owners else []
+        self.steps += 1
+        for job in list(self.running):
+            rows = [(w, row) for j, w, row in batch if j is job]
+            if not rows:
+                continue
+            picked = {w: t for (j, w), t in zip(owners, tokens) if j is job}
+            job_logits = (
+                {w: logits[i] for i, (j, w) in enumerate(owners) if j is job} if job.options.trace else {}
+            )
+            try:
+                events += job.absorb(rows, picked, job_logits, self.runner, self.pool)
+            except Exception as exc:  # a job's own failure must not stop the others
+                events += job.fail(f"{type(exc).__name__}: {exc}")
+            if job.ended:
+                self._retire(job)
+        return events
+
+    def _admit(self) -> None:
+        while self.queue and len(self.running) < self.options.max_running_jobs:
+            job = self.queue[0]
+            pages = job.pages_needed(self.pool)
+            if not self.pool.try_reserve(pages):
+                break
+            self.queue.popleft()
+            job.holder.reserved = pages
+            job.status = "prefill"
+            self.running.append(job)
+
+    def _retire(self, job: Job) -> None:
+        if job in self.running:
+            self.running.remove(job)
+            job.release(self.pool)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.running),
+            "queued": len(self.queue),
+            "total_pages": self.total_pages,
+            "free_pages": self.free_pages,
+            "steps": self.steps,
+        }
+
+
+def engine_option_names() -> list[str]:
+    return [f.name for f in fields(EngineOptions)]

@@ -1,0 +1,171 @@
+"""Hogwild decode attention over the paged pool.
+
+A row is one writer in one forward pass (a worker, or a prefill chunk). Its view is a list of blocks; keys
+are stored rotated by their block-local position, the row's queries are rotated by their view position.
+Attending to block b, which starts at offset o_b of the view, needs the relative rotation
+``(R(p) q) . (R(o_b) k~)`` (DESIGN.md section 3).
+
+Two implementations share one interface (``plan`` once per step, ``__call__`` once per layer):
+- ``ReferenceAttention`` walks rows and blocks in Python, rotating the query per block. Obviously right;
+  for tests.
+- ``VectorizedAttention`` gathers every row's keys in view order, rotates each gathered key by its block's
+  offset (the gather materializes the keys anyway, and rotating keys is cheaper than scoring every key
+  against B per-block queries or gathering a query per key, which is larger by the GQA ratio), and runs one
+  masked ``scaled_dot_product_attention`` for all rows at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from engine.layers.rotary import Rotary, rotate
+
+# Rows with more input tokens than this are attended alone, so that one long prefill chunk does not pad
+# the queries of every decode row.
+SHORT_ROW_TOKENS = 16
+
+
+@dataclass
+class RowSpec:
+    """One row of a step: its tokens occupy packed positions [start, start + num_tokens)."""
+
+    start: int
+    num_tokens: int
+    blocks: list[tuple[torch.Tensor, int]]  # (pool slots of the block's visible tokens, offset), view order
+
+    @property
+    def view_len(self) -> int:
+        return sum(len(slots) for slots, _ in self.blocks)
+
+
+@dataclass
+class ReferencePlan:
+    rows: list[RowSpec]
+    rotary: Rotary
+
+
+class ReferenceAttention:
+    """Block by block, one row at a time."""
+
+    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> ReferencePlan:
+        return ReferencePlan(rows, rotary)
+
+    def __call__(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: ReferencePlan, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for row in plan.rows:
+            qr = q[row.start : row.start + row.num_tokens].float()  # [T, h, d]
+            positions = torch.arange(row.view_len - row.num_tokens, row.view_len, device=q.device)
+            scores, values = [], []
+            for slots, offset in row.blocks:
+                cos, sin = plan.rotary.cos_sin(torch.tensor([-offset], device=q.device), scaled=False)
+                qb = rotate(qr, cos, sin)
+                k = k_pool[slots].float()  # [Lb, kvh, d]
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                s = torch.einsum("thd,lhd->htl", qb, k) * scale
+                key_pos = offset + torch.arange(len(slots), device=q.device)
+                s = s.masked_fill(key_pos[None, None, :] > positions[None, :, None], float("-inf"))
+                scores.append(s)
+                values.append(v_pool[slots].float().repeat_interleave(q.shape[1] // k_pool.shape[1], dim=1))
+            p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+            out[row.start : row.start + row.num_tokens] = torch.einsum(
+                "htl,lhd->thd", p, torch.cat(values, dim=0)
+            ).to(q.dtype)
+        return out
+
+
+@dataclass
+class GroupPlan:
+    """Rows padded to one [R, T] query batch over [R, L] gathered keys."""
+
+    query_index: torch.Tensor  # [R*T] packed token index per padded query (pads repeat a valid index)
+    src: torch.Tensor  # valid entries of the padded [R*T] output ...
+    dst: torch.Tensor  # ... and the packed positions they go to
+    key_slots: torch.Tensor  # [R, L] pool slots in view order (pads: 0)
+    key_cos: torch.Tensor  # [R, L, 1, d] pure rotation by each key's block offset
+    key_sin: torch.Tensor
+    mask: torch.Tensor  # [R, 1, T, L]: key view position <= query view position
+    rows: int
+    tokens: int
+
+
+@dataclass
+class VectorizedPlan:
+    groups: list[GroupPlan]
+
+
+class VectorizedAttention:
+    """All rows in one (or a few) batched SDPA calls; per-step metadata is shared by every layer."""
+
+    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> VectorizedPlan:
+        short = [r for r in rows if r.num_tokens <= SHORT_ROW_TOKENS]
+        groups = [[r] for r in rows if r.num_tokens > SHORT_ROW_TOKENS]
+        if short:
+            groups.insert(0, short)
+        return VectorizedPlan([self._plan_group(g, rotary, dtype) for g in groups])
+
+    @staticmethod
+    def _plan_group(rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> GroupPlan:
+        device = rows[0].blocks[0][0].device
+        num_t = max(r.num_tokens for r in rows)
+        slots = pad_sequence([torch.cat([s for s, _ in r.blocks]) for r in rows], batch_first=True)
+        offsets = pad_sequence(
+            [
+                torch.repeat_interleave(
+                    torch.tensor([o for _, o in r.blocks], device=device),
+                    torch.tensor([len(s) for s, _ in r.blocks], device=device),
+                )
+                for r in rows
+            ],
+            batch_first=True,
+        )
+        cos, sin = rotary.cos_sin(offsets, scaled=False)
+        t = torch.arange(num_t, device=device)
+        starts = torch.tensor([r.start for r in rows], device=device)[:, None]
+        counts = torch.tensor([r.num_tokens for r in rows], device=device)[:, None]
+        view_lens = torch.tensor([r.view_len for r in rows], device=device)[:, None]
+        valid = t[None, :] < counts
+        query_index = torch.where(valid, starts + t[None, :], starts)
+        query_pos = view_lens - counts + t[None, :]
+        key_pos = torch.arange(slots.shape[1], device=device)
+        flat_valid = valid.flatten()
+        return GroupPlan(
+            query_index=query_index.flatten(),
+            src=flat_valid.nonzero().squeeze(1),
+            dst=query_index.flatten()[flat_valid],
+            key_slots=slots,
+            key_cos=cos[:, :, None, :].to(dtype),
+            key_sin=sin[:, :, None, :].to(dtype),
+            mask=(key_pos[None, None, :] <= query_pos[:, :, None])[:, None],
+            rows=len(rows),
+            tokens=num_t,
+        )
+
+    def __call__(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: VectorizedPlan, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        heads, dim = q.shape[1], q.shape[2]
+        for g in plan.groups:
+            k = rotate(k_pool[g.key_slots], g.key_cos, g.key_sin)  # [R, L, kvh, d]
+            v = v_pool[g.key_slots]
+            qg = q.index_select(0, g.query_index).view(g.rows, g.tokens, heads, dim)
+            o = F.scaled_dot_product_attention(
+                qg.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=g.mask,
+                scale=scale,
+                enable_gqa=True,
+            )
+            o = o.transpose(1, 2).reshape(g.rows * g.tokens, heads, dim)
+            out.index_copy_(0, g.dst, o.index_select(0, g.src))
+        return out
+
+
+ATTENTION_BACKENDS = {"reference": ReferenceAttention, "vectorized": VectorizedAttention}

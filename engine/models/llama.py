@@ -1,0 +1,186 @@
+"""The forward pass of Llama-family decoder models, written over the paged Hogwild pool.
+
+One module covers Llama 2/3, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm) and SmolLM2: they differ only
+in biases, norms and tied embeddings, all read off the checkpoint. q/k/v and gate/up are fused into one
+matmul each, since on a CPU the decode step is dominated by per-op overhead and weight reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from engine.layers.rotary import rotate
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    qk_norm: bool
+    tie_embeddings: bool
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, state: dict[str, torch.Tensor]) -> ModelShape:
+        heads = config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            rms_norm_eps=config.rms_norm_eps,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in state,
+            qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
+            tie_embeddings="lm_head.weight" not in state or bool(getattr(config, "tie_word_embeddings", False)),
+            max_positions=config.max_position_embeddings,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.shape = shape
+        self.q_size = shape.num_heads * shape.head_dim
+        self.kv_size = shape.num_kv_heads * shape.head_dim
+        self.qkv_proj = nn.Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=False)
+        self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
+        self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
+        self.scale = shape.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, layer: int, step: StepInputs) -> torch.Tensor:
+        n, s = x.shape[0], self.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, s.num_heads, s.head_dim)
+        k = k.view(n, s.num_kv_heads, s.head_dim)
+        v = v.view(n, s.num_kv_heads, s.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotate(q, step.q_cos, step.q_sin)
+        k = rotate(k, step.k_cos, step.k_sin)
+        # Write before attending: every row of this step sees every other row's new tokens.
+        k_pool, v_pool = step.k_pool[layer], step.v_pool[layer]
+        k_pool.index_copy_(0, step.write_slots, k)
+        v_pool.index_copy_(0, step.write_slots, v)
+        out = step.attention(q, k_pool, v_pool, step.plan, self.scale)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.self_attn = Attention(shape)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.mlp = MLP(shape)
+
+    def forward(self, x: torch.Tensor, layer: int, step: StepInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class StepInputs:
+    """What every layer needs for one forward pass over the packed tokens of all rows."""
+
+    write_slots: torch.Tensor  # [N] pool slot of each new token
+    q_cos: torch.Tensor  # [N, 1, d] rotation of each query by its view position
+    q_sin: torch.Tensor
+    k_cos: torch.Tensor  # [N, 1, d] rotation of each new key by its block-local position
+    k_sin: torch.Tensor
+    k_pool: torch.Tensor  # [layers, slots, kv_heads, d]
+    v_pool: torch.Tensor
+    attention: Any  # an attention implementation from engine.layers.attention
+    plan: Any  # its per-step plan
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.shape = shape
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(shape) for _ in range(shape.num_layers)])
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        if shape.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """Hidden states [N, hidden] of the packed new tokens; K/V land in the pool as a side effect."""
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, step)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a transformers checkpoint's tensors in, fusing q/k/v and gate/up."""
+        own: dict[str, torch.Tensor] = {}
+        for i in range(self.shape.num_layers):
+            pre = f"model.layers.{i}."
+            attn, mlp = pre + "self_attn.", pre + "mlp."
+            own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+                [state[attn + f"{n}_proj.weight"] for n in "qkv"]
+            )
+            if self.shape.qkv_bias:
+                own[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
+                    [state[attn + f"{n}_proj.bias"] for n in "qkv"]
+                )
+            own[f"layers.{i}.self_attn.o_proj.weight"] = state[attn + "o_proj.weight"]
+            if self.shape.qk_norm:
+                own[f"layers.{i}.self_attn.q_norm.weight"] = state[attn + "q_norm.weight"]
+                own[f"layers.{i}.self_attn.k_norm.weight"] = state[attn + "k_norm.weight"]
+            own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+                [state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]]
+            )
+            own[f"layers.{i}.mlp.down_proj.weight"] = state[mlp + "down_proj.weight"]
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                own[f"layers.{i}.{norm}.weight"] = state[pre + f"{norm}.weight"]
+        own["embed_tokens.weight"] = state["model.embed_tokens.weight"]
+        own["norm.weight"] = state["model.norm.weight"]
+        own["lm_head.weight"] = state["model.embed_tokens.weight" if self.shape.tie_embeddings else "lm_head.weight"]
+        self.load_state_dict(own, strict=True)
+        if self.shape.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight

@@ -1,0 +1,63 @@
+"""Next-token choice with per-job parameters: greedy rows in one argmax, sampled jobs with their own RNG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), as in OpenAI's API
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be between -100 and 100")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities [rows, vocab] after temperature, top-k and top-p."""
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p (the top token always stays).
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(
+    logits: torch.Tensor, groups: list[tuple[slice, SamplingParams, torch.Generator | None]]
+) -> list[int]:
+    """One token per row. ``groups`` gives each job's rows (contiguous) with its params and generator."""
+    biased = [(rows, params.logit_bias) for rows, params, _ in groups if params.logit_bias]
+    if biased:
+        logits = logits.clone()
+        for rows, bias in biased:
+            ids, values = zip(*bias)
+            logits[rows, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    tokens = logits.argmax(dim=-1)
+    for rows, params, generator in groups:
+        if params.greedy:
+            continue
+        probs = filtered_probs(logits[rows], params)
+        tokens[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return tokens.tolist()

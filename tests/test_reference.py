@@ -1,0 +1,386 @@
+"""Tests of the reference Hogwild! (tests/reference_hogwild.py) itself, against plain transformers forwards.
+
+Tiny random models, hand-written traces. Where a trace is equivalent to one flat sequence (every token's K/V
+computed in the same context as in that sequence), the reference must equal the flat forward; where a block
+was computed on its own (its author view holds only itself), its K/V are shift-equivariant, so the reference
+must equal a flat forward with a block mask: this is what checks non-trivial re-rotation.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+_ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(_ROOT), str(_ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from reference_hogwild import HogwildReferenceCache, replay  # noqa: E402
+
+from engine.trace import Rollover, TraceRow, TraceStep  # noqa: E402
+
+VOCAB = 128
+TOL = 1e-4
+
+_SMALL: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,  # larger than the default 0.02: sharper, more position-sensitive attention
+)
+
+
+def _llama(rope: dict[str, object] | None = None) -> Callable[[], PreTrainedModel]:
+    def build() -> PreTrainedModel:
+        kwargs: dict[str, Any] = dict(_SMALL)
+        if rope is not None:
+            kwargs["rope_parameters"] = rope
+        return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+    return build
+
+
+def _qwen3() -> PreTrainedModel:
+    return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **_SMALL))
+
+
+def _qwen2() -> PreTrainedModel:
+    return Qwen2ForCausalLM(Qwen2Config(**_SMALL))
+
+
+FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
+    "llama": _llama(),
+    "llama3-rope": _llama(
+        {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    ),
+    "yarn-rope": _llama(
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    ),
+    "qwen3": _qwen3,
+    "qwen2": _qwen2,
+}
+
+
+def make_model(family: str = "llama", attn: str = "eager", seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = FAMILIES[family]()
+    model.set_attn_implementation(attn)
+    return model.float().eval()
+
+
+def rand_tokens(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+@torch.no_grad()
+def flat_logits(
+    model: PreTrainedModel, tokens: list[int], allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits [len, vocab] of one flat sequence, optionally with a custom [len, len] boolean mask."""
+    ids = torch.tensor([tokens])
+    if allowed is None:
+        return model(input_ids=ids, use_cache=False).logits[0].float()
+    mask = torch.zeros((1, 1, len(tokens), len(tokens)), dtype=model.dtype)
+    mask.masked_fill_(~allowed[None, None], torch.finfo(model.dtype).min)
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+
+
+class TraceBuilder:
+    """Writes traces by hand: views are given as block names, lengths are filled in (same-step included)."""
+
+    def __init__(self) -> None:
+        self.lens: dict[str, int] = {}
+        self.steps: list[TraceStep] = []
+
+    def step(
+        self,
+        rows: list[tuple[int, str, list[int], list[str]]],
+        rollovers: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """rows: (worker, block, tokens, view block names ending with block). Returns the step index."""
+        after = dict(self.lens)
+        for _, block, tokens, _ in rows:
+            after[block] = after.get(block, 0) + len(tokens)
+        trace_rows = [
+            TraceRow(worker=w, block=b, tokens=list(t), view=[(n, after.get(n, 0)) for n in v])
+            for w, b, t, v in rows
+        ]
+        ros = []
+        for block, into in rollovers:
+            length = after.get(block, 0)
+            ros.append(Rollover(worker=0, block=block, into=into, length=length))
+            after[into] = after.get(into, 0) + length
+            after[block] = 0
+        self.lens = after
+        self.steps.append(TraceStep(rows=trace_rows, rollovers=ros))
+        return len(self.steps) - 1
+
+
+def max_diff(a: torch.Tensor | None, b: torch.Tensor) -> float:
+    assert a is not None
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_single_block_equals_flat(attn: str) -> None:
+    model = make_model("llama", attn)
+    toks = rand_tokens(18, seed=1)
+    tb = TraceBuilder()
+    tb.step([(-1, "common", toks[:10], ["common"])])
+    for i in range(10, 18):
+        tb.step([(0, "common", [toks[i]], ["common"])])
+    res = replay(model, tb.steps)
+    ref = flat_logits(model, toks)
+    assert res[0] == [None]
+    for s, i in enumerate(range(10, 18), start=1):
+        logits = res[s][0]
+        assert logits is not None and logits.shape == (VOCAB,) and logits.dtype == torch.float32
+        assert max_diff(logits, ref[i]) <= TOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rollover_equals_flat(family: str) -> None:
+    """A worker's steps rolled into common, chunked prefill, multi-token rows: one flat sequence."""
+    model = make_model(family)
+    toks = rand_tokens(26, seed=2)
+    seq: list[int] = []
+    checks: list[tuple[int, int]] = []  # (step index, flat index of the row's last token)
+    tb = TraceBuilder()
+
+    def add(
+        worker: int, block: str, tokens: list[int], view: list[str], roll: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        s = tb.step([(worker, block, tokens, view)], roll)
+        seq.extend(tokens)
+        if worker >= 0:
+            checks.append((s, len(seq) - 1))
+
+    it = iter(toks)
+
+    def take(n: int) -> list[int]:
+        return [next(it) for _ in range(n)]
+
+    add(-1, "common", take(5), ["common"])  # chunked prefill
+    add(-1, "common", take(3), ["common"])
+    view = ["common", "step:A"]
+    add(0, "step:A", take(3), view)  # a step header: several tokens in one row
+    for _ in range(3):
+        add(0, "step:A", take(1), view)
+    add(0, "step:A", take(1), view, [("step:A", "common")])
+    add(0, "step:A", take(2), view)
+    for _ in range(3):
+        add(0, "step:A", take(1), view)
+    add(0, "step:A", take(1), view, [("step:A", "common")])
+    add(0, "step:A", take(4), view)
+    add(0, "step:A", take(1), view)
+    assert tb.lens["common"] == 8 + 7 + 6 and tb.lens["step:A"] == 5
+
+    res = replay(model, tb.steps)
+    ref = flat_logits(model, seq)
+    for s, i in checks:
+        assert max_diff(res[s][0], ref[i]) <= TOL, (family, s, i)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_two_workers_sees_other_block(attn: str) -> None:
+    """B writes first; then A, viewing [common, step:B, step:A], equals flat(common + B + A)."""
+    model = make_model("llama", attn)
+    common, b_toks, a_toks = rand_tokens(8, 3), rand_tokens(6, 4), rand_tokens(5, 5)
+    view_a, view_b = ["common", "step:B", "step:A"], ["common", "step:A", "step:B"]
+
+    def run(b: list[int]) -> tuple[list[list[torch.Tensor | None]], list[int], list[int]]:
+        tb = TraceBuilder()
+        tb.step([(-1, "common", common, ["common"])])
+        b_steps = [tb.step([(1, "step:B", b[:2], view_b)])]
+        b_steps += [tb.step([(1, "step:B", [t], view_b)]) for t in b[2:]]
+        a_steps = [tb.step([(0, "step:A", a_toks[:2], view_a)])]
+        a_steps += [tb.step([(0, "step:A", [t], view_a)]) for t in a_toks[2:]]
+        return replay(model, tb.steps), b_steps, a_steps
+
+    res, b_steps, a_steps = run(b_toks)
+    ref_b = flat_logits(model, common + b_toks)
+    ref_a = flat_logits(model, common + b_toks + a_toks)
+    for k, s in enumerate(b_steps):
+        assert max_diff(res[s][0], ref_b[8 + 1 + k]) <= TOL
+    for k, s in enumerate(a_steps):
+        assert max_diff(res[s][0], ref_a[8 + 6 + 1 + k]) <= TOL
+
+    # A really reads B's block: other tokens for B change A's logits.
+    res2, _, _ = run(rand_tokens(6, 6))
+    assert max(max_diff(res2[s][0], res[s][0]) for s in a_steps) > 1e-2  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_nontrivial_rerotation_and_rollover(family: str) -> None:
+    """B computed on its own (view [step:B]) at 0.., then read by A at offset 8 and rolled into common.
+
+    B's K/V are shift-equivariant, so A must equal flat(common + B + A) where B does not see common. An
+    independent worker D shares the steps (rows of different lengths: padding). A's own step is rolled over
+    too, and A goes on after both rollovers.
+    """
+    model = make_model(family)
+    common, b_toks, a_toks, d_toks = (
+        rand_tokens(8, 7),
+        rand_tokens(5, 8),
+        rand_tokens(10, 9),
+        rand_tokens(12, 10),
+    )
+    view_a = ["common", "step:B", "step:A"]
+    tb = TraceBuilder()
+    tb.step([(-1, "common", common, ["common"])])
+    b_steps = [tb.step([(1, "step:B", b_toks[:3], ["step:B"])])]
+    b_steps += [tb.step([(1, "step:B", [t], ["step:B"])]) for t in b_toks[3:]]
+    a_chunks = [a_toks[:3], a_toks[3:4], a_toks[4:5], a_toks[5:7], a_toks[7:8], a_toks[8:9], a_toks[9:10]]
+    d_chunks = [d_toks[:1], d_toks[1:5], d_toks[5:6], d_toks[6:7], d_toks[7:8], d_toks[8:11], d_toks[11:12]]
+    rolls: dict[int, list[tuple[str, str]]] = {1: [("step:B", "common")], 4: [("step:A", "common")]}
+    a_steps = [
+        tb.step([(3, "step:D", d, ["step:D"]), (0, "step:A", a, view_a)], rolls.get(k, []))
+        for k, (a, d) in enumerate(zip(a_chunks, d_chunks, strict=True))
+    ]
+    assert tb.lens == {"common": 8 + 5 + 8, "step:B": 0, "step:A": 2, "step:D": 12}
+
+    res = replay(model, tb.steps)
+
+    ref_b = flat_logits(model, b_toks)
+    assert max_diff(res[b_steps[0]][0], ref_b[2]) <= TOL
+    for k, s in enumerate(b_steps[1:]):
+        assert max_diff(res[s][0], ref_b[3 + k]) <= TOL
+
+    ref_d = flat_logits(model, d_toks)
+    n = 0
+    for s, d in zip(a_steps, d_chunks, strict=True):
+        n += len(d)
+        assert max_diff(res[s][0], ref_d[n - 1]) <= TOL
+
+    seq = common + b_toks + a_toks
+    allowed = torch.ones(len(seq), len(seq)).tril().bool()
+    allowed[8:13, :8] = False  # B did not see common
+    ref_a = flat_logits(model, seq, allowed)
+    n = 13
+    for s, a in zip(a_steps, a_chunks, strict=True):
+        n += len(a)
+        assert max_diff(res[s][1], ref_a[n - 1]) <= TOL, (family, s)
+
+
+def test_rerotation_is_what_the_test_detects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation check: without the re-rotation the previous scenario's expectations fail clearly."""
+    model = make_model("llama")
+    common, b_toks, a_toks = rand_tokens(8, 7), rand_tokens(5, 8), rand_tokens(3, 9)
+    tb = TraceBuilder()
+    tb.step([(-1, "common", common, ["common"])])
+    tb.step([(1, "step:B", b_toks, ["step:B"])])
+    s = tb.step([(0, "step:A", a_toks, ["common", "step:B", "step:A"])])
+    seq = common + b_toks + a_toks
+    allowed = torch.ones(len(seq), len(seq)).tril().bool()
+    allowed[8:13, :8] = False
+    ref = flat_logits(model, seq, allowed)[-1]
+    assert max_diff(replay(model, tb.steps)[s][0], ref) <= TOL
+    monkeypatch.setattr(HogwildReferenceCache, "_rerotate", lambda self, keys, delta: keys)
+    assert max_diff(replay(model, tb.steps)[s][0], ref) > 1e-2
+
+
+def test_same_step_visibility() -> None:
+    """A's token sees B's token written in the same step exactly as if B had written it a step earlier."""
+    model = make_model("qwen3")
+    common, b_toks, a_toks = rand_tokens(8, 11), rand_tokens(4, 12), rand_tokens(3, 13)
+    view_a, view_b = ["common", "step:B", "step:A"], ["common", "step:B"]
+
+    def prefix() -> TraceBuilder:
+        tb = TraceBuilder()
+        tb.step([(-1, "common", common, ["common"])])
+        tb.step([(1, "step:B", b_toks[:3], view_b)])
+        return tb
+
+    seq_tb = prefix()
+    sb = seq_tb.step([(1, "step:B", b_toks[3:], view_b)])
+    sa = seq_tb.step([(0, "step:A", a_toks, view_a)])
+    seq = replay(model, seq_tb.steps)
+
+    for order in ([0, 1], [1, 0]):
+        rows = [(1, "step:B", b_toks[3:], view_b), (0, "step:A", a_toks, view_a)]
+        same_tb = prefix()
+        s = same_tb.step([rows[i] for i in order])
+        same = replay(model, same_tb.steps)[s]
+        assert max_diff(same[order.index(0)], seq[sb][0]) <= 1e-5  # type: ignore[arg-type]
+        assert max_diff(same[order.index(1)], seq[sa][0]) <= 1e-5  # type: ignore[arg-type]
+
+    ref = flat_logits(model, common + b_toks + a_toks)
+    assert max_diff(seq[sa][0], ref[-1]) <= TOL
+
+
+def test_eager_and_sdpa_agree() -> None:
+    results = []
+    for attn in ("eager", "sdpa"):
+        model = make_model("qwen2", attn)
+        tb = TraceBuilder()
+        tb.step([(-1, "common", rand_tokens(6, 14), ["common"])])
+        for k in range(4):
+            tb.step(
+                [
+                    (0, "step:A", rand_tokens(1 + (k == 0), 15 + k), ["common", "step:B", "step:A"]),
+                    (1, "step:B", rand_tokens(1 + 2 * (k == 1), 25 + k), ["common", "step:A", "step:B"]),
+                ],
+                [("step:A", "common")] if k == 2 else [],
+            )
+        results.append(replay(model, tb.steps))
+    for step_e, step_s in zip(*results, strict=True):
+        for le, ls in zip(step_e, step_s, strict=True):
+            assert (le is None) == (ls is None)
+            if le is not None and ls is not None:
+                assert max_diff(le, ls) <= 1e-5
+
+
+def test_rejects_inconsistent_traces() -> None:
+    model = make_model("llama")
+    ok = TraceRow(worker=-1, block="common", tokens=[1, 2, 3], view=[("common", 3)])
+    bad_len = TraceRow(worker=0, block="step:A", tokens=[4], view=[("common", 2), ("step:A", 1)])
+    with pytest.raises(ValueError, match="holds 3"):
+        replay(model, [TraceStep(rows=[ok]), TraceStep(rows=[bad_len])])
+    not_last = TraceRow(worker=0, block="step:A", tokens=[4], view=[("step:A", 1), ("common", 3)])
+    with pytest.raises(ValueError, match="last entry"):
+        replay(model, [TraceStep(rows=[ok]), TraceStep(rows=[not_last])])
+    bad_roll = Rollover(worker=0, block="common", into="x", length=5)
+    with pytest.raises(ValueError, match="rollover"):
+        replay(model, [TraceStep(rows=[ok], rollovers=[bad_roll])])
+
+
+def test_rejects_dynamic_rope() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **{**_SMALL, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}
+    )
+    model = LlamaForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="do not compose"):
+        replay(
+            model, [TraceStep(rows=[TraceRow(worker=-1, block="common", tokens=[1], view=[("common", 1)])])]
+        )
