@@ -79,9 +79,10 @@ class Block:
             self._slots = None
         return self.slots(pool, start)
 
-    def clear(self, pool: PagePool, holder: PageHolder) -> None:
+    def release(self, pool: PagePool, holder: PageHolder) -> None:
+        """Return the pages but keep the token ids, so an ended job's views can still be read."""
         holder.give_back(pool, self.pages)
-        self.tokens, self.pages, self._slots = [], [], None
+        self.pages, self._slots = [], None
 
 
 @dataclass

@@ -143,7 +143,7 @@ class Job:
 
     def release(self, pool: PagePool) -> None:
         for block in self.blocks.values():
-            block.clear(pool, self.holder)
+            block.release(pool, self.holder)
         pool.release(self.holder.reserved)
         self.holder.reserved = 0
 
@@ -313,7 +313,7 @@ class Job:
             dst = common.extend(pool, ids, self.holder)
             runner.move(src, dst, shift)
             self.holder.give_back(pool, [step.pages[i // pool.page_size]])
-        step.tokens, step.pages, step._slots = [], [], None
+        step.tokens, step.pages, step._slots = [], [], None  # its pages went back one by one above
         if trace is not None:
             trace.rollovers.append(Rollover(w.index, step.name, "common", length))
         self.history.append({"worker": w.index, "name": w.name, "step": w.step, "text": w.step_text})

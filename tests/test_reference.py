@@ -8,9 +8,7 @@ must equal a flat forward with a block mask: this is what checks non-trivial re-
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,14 +23,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-_ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(_ROOT), str(_ROOT / "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from reference_hogwild import HogwildReferenceCache, replay  # noqa: E402
-
-from engine.trace import Rollover, TraceRow, TraceStep  # noqa: E402
+from engine.trace import Rollover, TraceRow, TraceStep
+from tests.reference_hogwild import HogwildReferenceCache, replay
 
 VOCAB = 128
 TOL = 1e-4

@@ -1,0 +1,223 @@
+"""Engine behaviour on tiny random models: memory, batching across jobs, visibility, sampling, rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from engine import Engine, UnsupportedModelError
+from engine.collab import ends_step, find_answer
+from tests.models import tiny_model
+
+
+def make_engine(tok: Any, family: str = "llama-gqa4", wired: bool = True, **options: Any) -> Engine:
+    options.setdefault("page_size", 4)
+    options.setdefault("num_pages", 4096)
+    return Engine.from_hf(tiny_model(family, tok, wired=wired), tok, **options)
+
+
+def run(eng: Engine, jobs: list[Any]) -> list[Any]:
+    events = []
+    while not all(j.ended for j in jobs):
+        events += eng.step()
+    return events
+
+
+def worker_logits(job: Any) -> list[dict[int, torch.Tensor]]:
+    """Per decode step, each worker's logits (prefill steps depend on the shared chunk budget)."""
+    steps = [s for s in job.trace if any(r.worker >= 0 for r in s.rows)]
+    return [{r.worker: r.logits for r in step.rows if r.logits is not None} for step in steps]
+
+
+def test_pool_is_full_again_after_finished_and_cancelled_jobs(tok: Any) -> None:
+    eng = make_engine(tok)
+    jobs = [
+        eng.submit("a", workers=w, layout=layout, max_tokens=12)
+        for w, layout in [(1, "combined"), (3, "interleaved"), (2, "contiguous"), (5, "combined")]
+    ]
+    for _ in range(6):
+        eng.step()
+    assert eng.free_pages < eng.total_pages
+    assert eng.cancel(jobs[1].id) and jobs[1].status == "cancelled"
+    queued = eng.submit("b", workers=2, max_tokens=8)
+    assert eng.cancel(queued.id)
+    run(eng, jobs[:1] + jobs[2:])
+    assert all(j.status == "finished" for j in jobs[:1] + jobs[2:])
+    assert eng.free_pages == eng.total_pages
+    assert eng.pool.free_list_len == eng.total_pages
+    assert not eng.running and not eng.queue
+
+
+def test_job_that_cannot_get_pages_waits_instead_of_failing_a_running_one(tok: Any) -> None:
+    eng = make_engine(tok, num_pages=260)
+    first = eng.submit("a", workers=2, max_tokens=40)
+    eng.step()
+    second = eng.submit("b", workers=2, max_tokens=40)
+    eng.step()
+    assert first.status in ("prefill", "running") and second.status == "queued"
+    run(eng, [first, second])
+    assert first.status == second.status == "finished"
+    assert eng.free_pages == eng.total_pages
+
+
+def test_job_larger_than_the_pool_is_rejected(tok: Any) -> None:
+    eng = make_engine(tok, num_pages=64)
+    with pytest.raises(ValueError, match="pages"):
+        eng.submit("a", workers=4, max_tokens=400)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_concurrent_jobs_match_each_job_alone(tok: Any, sampled: bool) -> None:
+    specs = [
+        dict(workers=2, layout="combined"),
+        dict(workers=3, layout="interleaved"),
+        dict(workers=1, layout="contiguous"),
+        dict(workers=4, layout="contiguous"),
+    ]
+    common = dict(max_tokens=24, trace=True, finisher=False)
+    if sampled:
+        common.update(temperature=0.9, top_p=0.95, top_k=50)
+    alone = []
+    for i, spec in enumerate(specs):
+        eng = make_engine(tok)
+        alone.append(eng.generate(f"problem {i}", seed=i, **spec, **common))
+    eng = make_engine(tok)
+    together = [eng.submit(f"problem {i}", seed=i, **spec, **common) for i, spec in enumerate(specs)]
+    run(eng, together)
+    for a, b in zip(alone, together):
+        assert [w.detok.tokens for w in a.workers] == [w.detok.tokens for w in b.workers]
+        for la, lb in zip(worker_logits(a), worker_logits(b)):
+            assert la.keys() == lb.keys()
+            for w in la:
+                torch.testing.assert_close(la[w], lb[w], atol=1e-4, rtol=0)
+
+
+def _alter_bob_and_watch_alice(tok: Any, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two identical jobs; in the second, Bob's next token is swapped. Alice's logits in that step."""
+    eng = make_engine(tok, wired=False)
+    jobs = [eng.submit("same", workers=2, layout=layout, max_tokens=20, trace=True) for _ in range(2)]
+    while jobs[0].workers[1].generated < 3:
+        eng.step()
+    bob = jobs[1].workers[1]
+    assert not bob.rollover_after and len(bob.pending) == 1
+    bob.pending = [(bob.pending[0] + 7) % 1000]
+    eng.step()
+    return jobs[0].trace[-1].rows[0].logits, jobs[1].trace[-1].rows[0].logits
+
+
+def test_combined_layout_sees_others_in_progress_tokens(tok: Any) -> None:
+    a, b = _alter_bob_and_watch_alice(tok, "combined")
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_interleaved_layout_hides_unfinished_steps(tok: Any) -> None:
+    a, b = _alter_bob_and_watch_alice(tok, "interleaved")
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_one_worker_contiguous_equals_generate(tok: Any) -> None:
+    model = tiny_model("qwen3-qknorm", tok, wired=False)
+    eng = Engine.from_hf(model, tok, page_size=4, num_pages=1024)
+    job = eng.generate("Tell me a story.", workers=1, layout="contiguous", max_tokens=30, finisher=False)
+    worker = job.workers[0]
+    view = job.view(0)
+    assert [name for name, _ in view] == ["common", "split_marker", "out:Alice"]
+    opener_len = len(worker.detok.tokens) - worker.generated
+    prefix = view[0][1] + view[1][1] + worker.detok.tokens[:opener_len]
+    out = model.generate(
+        torch.tensor([prefix]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert worker.detok.tokens[opener_len:] == out[0, len(prefix) :].tolist()
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tok: Any) -> None:
+    eng = make_engine(tok, wired=False)
+    kw = dict(workers=2, max_tokens=16, temperature=1.0, finisher=False)
+    a, b, c = (eng.generate("x", seed=s, **kw) for s in (7, 7, 8))
+    tokens = [[w.detok.tokens for w in j.workers] for j in (a, b, c)]
+    assert tokens[0] == tokens[1] != tokens[2]
+
+
+def test_events_rebuild_every_worker_text_and_the_history(tok: Any) -> None:
+    eng = make_engine(tok)
+    job = eng.submit("q", workers=3, max_tokens=30, quick_check_every=20)
+    events = run(eng, [job])
+    assert [e.seq for e in events] == list(range(len(events)))
+    for w in job.workers:
+        assert "".join(e.text for e in events if e.type == "token" and e.worker == w.index) == w.text
+    steps = [e for e in events if e.type == "step"]
+    assert len(steps) >= 3
+    assert [(e.worker, e.text) for e in steps] == [(h["worker"], h["text"]) for h in job.history]
+    assert any(e.type == "quick_check" for e in events)
+    assert any("Quick check:" in w.text for w in job.workers)
+    assert events[-1].type == "done" and events[-1].data["finish_reason"] == "length"
+    # The finisher ran: worker 0 was asked for the answer, and whatever it wrote is the answer.
+    assert "\\boxed{" in job.workers[0].text and events[-2].type == "final"
+
+
+def test_cancel_frees_pages_at_once_and_ends_with_cancelled(tok: Any) -> None:
+    eng = make_engine(tok)
+    job = eng.submit("q", workers=2, max_tokens=200)
+    for _ in range(5):
+        eng.step()
+    assert eng.cancel(job.id)
+    assert eng.free_pages == eng.total_pages == eng.pool.free_list_len
+    events = eng.step()
+    assert events[-1].type == "done" and events[-1].data["finish_reason"] == "cancelled"
+    assert not eng.cancel(job.id)
+
+
+def test_stop_strings_and_max_tokens(tok: Any) -> None:
+    eng = make_engine(tok, wired=False)
+    free = eng.generate("q", workers=1, max_tokens=12, finisher=False)
+    assert free.workers[0].generated == 12 and free.finish_reason == "length"
+    stop = free.workers[0].text[-8:-4]
+    stopped = eng.generate("q", workers=1, max_tokens=12, finisher=False, stop=[stop])
+    assert stopped.finish_reason == "stop" and stopped.workers[0].generated < 12
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(workers=0), "workers"),
+        (dict(workers=99), "workers"),
+        (dict(layout="spiral"), "layout"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(quick_check_every=-1), "quick_check_every"),
+        (dict(logit_bias={10**9: 1.0}), "logit_bias"),
+        (dict(max_tokens=4000, workers=4), "prompt too long"),
+    ],
+)
+def test_bad_submissions_are_refused_with_a_message(tok: Any, kwargs: dict[str, Any], message: str) -> None:
+    eng = make_engine(tok)
+    with pytest.raises(ValueError, match=message):
+        eng.submit("q", **kwargs)
+    assert not eng.jobs
+
+
+def test_dynamic_ntk_is_refused(tok: Any) -> None:
+    model = tiny_model("llama-gqa4", tok)
+    model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
+        Engine.from_hf(model, tok)
+
+
+def test_step_rule() -> None:
+    assert ends_step("So x = 2.\n\n", "\n\n")
+    assert ends_step("Done!\n\n", "!\n\n")
+    assert not ends_step("So x = 2\n\n", "\n\n")  # no sentence end
+    assert not ends_step("See:\n```\ncode.\n\n", "\n\n")  # open code block
+    assert not ends_step("$$x = 1.\n\n", "\n\n")  # open display math
+    assert not ends_step("Hello.", ".")
+
+
+def test_answer_detection() -> None:
+    assert find_answer("so \\boxed{42}.") == "42"
+    assert find_answer("\\boxed{\\frac{1}{2}} then \\boxed{3}") == "3"
+    assert find_answer("\\boxed{\\frac{1}{2}") is None
+    assert find_answer("no answer") is None
