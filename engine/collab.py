@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LAYOUTS = ("combined", "interleaved", "contiguous")
-NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj")
+NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Nia")
 
 OTHERS_HEADER = "\n\n### Work in progress (others)\n\n"
 OWN_HEADER = "<...>\n\n### Work in progress (own)\n\n"
@@ -20,8 +20,8 @@ FINISHER = (
 )
 ANSWER_PREFIX = "\\boxed{"
 
-INSTRUCTIONS = """You are one of {count} assistants ({names}) solving the problem below together, at the same \
-time. You all share one memory: you can read what the others write the moment they write it.
+INSTRUCTIONS = """You are one of {count} assistants ({names}) solving the problem below together, \
+at the same time. You all share one memory: you can read what the others write the moment they write it.
 
 How the shared text is laid out:
 - First comes the history of finished steps, each tagged with the author's name and step number, like \
@@ -44,12 +44,17 @@ def worker_name(index: int) -> str:
 
 
 def instructions(workers: int) -> str:
+    """A lone worker has no one to collaborate with, so it gets the problem as asked."""
+    if workers == 1:
+        return ""
     names = [worker_name(i) for i in range(workers)]
     return INSTRUCTIONS.format(count=workers, names=", ".join(names), first=names[0])
 
 
-def opener(index: int) -> str:
+def opener(index: int, workers: int) -> str:
     name = worker_name(index)
+    if workers == 1:
+        return step_header(index, 1)
     if index == 0:
         return f"**{name} [1]:** Hi, I'm {name}. Here's how we can"
     return f"**{name} [1]:** Hi, I'm {name}."

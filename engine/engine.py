@@ -79,7 +79,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, model: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None, **options: Any
+        cls,
+        model: str | None = None,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        **options: Any,
     ) -> Engine:
         """Load a hub id, a local folder or a .gguf file; None loads the embedded default model."""
         from engine.loader import load_hf
@@ -114,7 +118,10 @@ class Engine:
 
     def _eos_ids(self, hf_model: Any) -> set[int]:
         ids: set[int] = set()
-        for source in (self.tokenizer.eos_token_id, getattr(hf_model.generation_config, "eos_token_id", None)):
+        for source in (
+            self.tokenizer.eos_token_id,
+            getattr(hf_model.generation_config, "eos_token_id", None),
+        ):
             if isinstance(source, int):
                 ids.add(source)
             elif source:
@@ -137,7 +144,9 @@ class Engine:
 
     def prompt_ids(self, prompt: str | list[dict[str, str]], workers: int) -> list[int]:
         """The chat-templated prompt, with the collaboration instructions before the problem."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        messages = (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        )
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
             raise ValueError("messages must contain a user message")
@@ -187,7 +196,15 @@ class Engine:
             workers, layout, max_tokens, sampling, seed, quick_check_every, finisher, 16, stops, trace
         )
         ids = self.prompt_ids(prompt, workers)
-        job = Job(job_id or f"job-{uuid.uuid4().hex[:12]}", ids, opts, self.tokenizer, self.encode, self.eos_ids, self.device)
+        job = Job(
+            job_id or f"job-{uuid.uuid4().hex[:12]}",
+            ids,
+            opts,
+            self.tokenizer,
+            self.encode,
+            self.eos_ids,
+            self.device,
+        )
         if job.id in self.jobs:
             raise ValueError(f"job id {job.id!r} is already in use")
         longest = sum(len(t) for _, t in job.prefill) + workers * job.token_cap + len(job.finisher_ids) + 16
@@ -255,7 +272,7 @@ class Engine:
             rows = [(w, row) for j, w, row in batch if j is job]
             if not rows:
                 continue
-            picked = {w: t for (j, w), t in zip(owners, tokens) if j is job}
+            picked = {w: t for (j, w), t in zip(owners, tokens, strict=False) if j is job}
             job_logits = (
                 {w: logits[i] for i, (j, w) in enumerate(owners) if j is job} if job.options.trace else {}
             )

@@ -138,7 +138,12 @@ class Job:
         """Worst case: every token exists once (a step's pages are returned page by page as it moves into
         common), plus a partial page per block and the finisher."""
         static = sum(len(ids) for _, ids in self.prefill)
-        tokens = static + self.options.workers * self.token_cap + len(self.finisher_ids) + self.options.finisher_tokens
+        tokens = (
+            static
+            + self.options.workers * self.token_cap
+            + len(self.finisher_ids)
+            + self.options.finisher_tokens
+        )
         return pool.pages_for(tokens) + len(self.blocks) + 2
 
     def release(self, pool: PagePool) -> None:
@@ -210,7 +215,7 @@ class Job:
         self.status = "running"
         events = []
         for w in self.workers:
-            events += self._force(w, self.encode(opener(w.index)))
+            events += self._force(w, self.encode(opener(w.index, self.options.workers)))
         return events
 
     def _force(self, w: Worker, ids: list[int]) -> list[Event]:
@@ -221,7 +226,9 @@ class Job:
         piece = w.detok.push(token)
         w.text += piece
         w.step_text += piece
-        return self.event("token", worker=w.index, token_id=token, text=piece, forced=forced, data={"step": w.step})
+        return self.event(
+            "token", worker=w.index, token_id=token, text=piece, forced=forced, data={"step": w.step}
+        )
 
     # -- after the forward pass ---------------------------------------------------------------------
 
@@ -345,7 +352,11 @@ class Job:
         self.finisher_generated += 1
         tail = w.text[w.finisher_start :]
         answer = find_answer(tail)
-        if answer is not None or token in self.eos_ids or self.finisher_generated >= self.options.finisher_tokens:
+        if (
+            answer is not None
+            or token in self.eos_ids
+            or self.finisher_generated >= self.options.finisher_tokens
+        ):
             # An unclosed box still holds the best guess we have.
             self.answer = answer if answer is not None else tail[len(ANSWER_PREFIX) :].strip() or None
             return events + self._done(self.finish_reason or "length")
@@ -376,7 +387,10 @@ class Job:
         self.finished_at = time.time()
         for w in self.workers:
             w.done, w.pending = True, []
-        return [self.event("error", text=message), self.event("done", data={"finish_reason": "error", "usage": self.usage})]
+        return [
+            self.event("error", text=message),
+            self.event("done", data={"finish_reason": "error", "usage": self.usage}),
+        ]
 
     @property
     def ended(self) -> bool:

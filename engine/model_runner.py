@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import Block, PagePool
-from engine.layers.attention import ATTENTION_BACKENDS, RowSpec
+from engine.layers.attention import ATTENTION_BACKENDS, Attention, RowSpec
 from engine.layers.rotary import Rotary, rotate
 from engine.models.llama import LlamaModel, StepInputs
 
@@ -27,7 +27,7 @@ class ModelRunner:
         shape = model.shape
         self.model, self.rotary, self.pool, self.dtype = model, rotary, pool, dtype
         self.device = pool.device
-        self.attention = ATTENTION_BACKENDS[attention]()
+        self.attention: Attention = ATTENTION_BACKENDS[attention]()
         size = (shape.num_layers, pool.num_pages * pool.page_size, shape.num_kv_heads, shape.head_dim)
         self.k_pool = torch.zeros(size, dtype=dtype, device=self.device)
         self.v_pool = torch.zeros(size, dtype=dtype, device=self.device)

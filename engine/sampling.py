@@ -52,7 +52,7 @@ def sample(
     if biased:
         logits = logits.clone()
         for rows, bias in biased:
-            ids, values = zip(*bias)
+            ids, values = zip(*bias, strict=False)
             logits[rows, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
     tokens = logits.argmax(dim=-1)
     for rows, params, generator in groups:

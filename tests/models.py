@@ -86,7 +86,10 @@ def tiny_model(family: str, tok: Any, seed: int | None = None, wired: bool = Tru
             if name.endswith("proj.bias"):  # transformers initializes biases to zero; make them count
                 param.normal_(0, 0.05)
     if wired:
-        dot, par = tok.encode(".", add_special_tokens=False)[0], tok.encode("\n\n", add_special_tokens=False)[0]
+        dot, par = (
+            tok.encode(".", add_special_tokens=False)[0],
+            tok.encode("\n\n", add_special_tokens=False)[0],
+        )
         header_end = tok.encode("**Bob [3]:** ", add_special_tokens=False)[-1]
         with torch.no_grad():
             emb = model.model.embed_tokens.weight

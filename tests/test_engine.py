@@ -70,13 +70,13 @@ def test_job_larger_than_the_pool_is_rejected(tok: Any) -> None:
 
 @pytest.mark.parametrize("sampled", [False, True])
 def test_concurrent_jobs_match_each_job_alone(tok: Any, sampled: bool) -> None:
-    specs = [
+    specs: list[dict[str, Any]] = [
         dict(workers=2, layout="combined"),
         dict(workers=3, layout="interleaved"),
         dict(workers=1, layout="contiguous"),
         dict(workers=4, layout="contiguous"),
     ]
-    common = dict(max_tokens=24, trace=True, finisher=False)
+    common: dict[str, Any] = dict(max_tokens=24, trace=True, finisher=False)
     if sampled:
         common.update(temperature=0.9, top_p=0.95, top_k=50)
     alone = []
@@ -86,9 +86,9 @@ def test_concurrent_jobs_match_each_job_alone(tok: Any, sampled: bool) -> None:
     eng = make_engine(tok)
     together = [eng.submit(f"problem {i}", seed=i, **spec, **common) for i, spec in enumerate(specs)]
     run(eng, together)
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=False):
         assert [w.detok.tokens for w in a.workers] == [w.detok.tokens for w in b.workers]
-        for la, lb in zip(worker_logits(a), worker_logits(b)):
+        for la, lb in zip(worker_logits(a), worker_logits(b), strict=False):
             assert la.keys() == lb.keys()
             for w in la:
                 torch.testing.assert_close(la[w], lb[w], atol=1e-4, rtol=0)
@@ -104,7 +104,9 @@ def _alter_bob_and_watch_alice(tok: Any, layout: str) -> tuple[torch.Tensor, tor
     assert not bob.rollover_after and len(bob.pending) == 1
     bob.pending = [(bob.pending[0] + 7) % 1000]
     eng.step()
-    return jobs[0].trace[-1].rows[0].logits, jobs[1].trace[-1].rows[0].logits
+    a, b = jobs[0].trace[-1].rows[0].logits, jobs[1].trace[-1].rows[0].logits
+    assert a is not None and b is not None
+    return a, b
 
 
 def test_combined_layout_sees_others_in_progress_tokens(tok: Any) -> None:
@@ -126,7 +128,7 @@ def test_one_worker_contiguous_equals_generate(tok: Any) -> None:
     assert [name for name, _ in view] == ["common", "split_marker", "out:Alice"]
     opener_len = len(worker.detok.tokens) - worker.generated
     prefix = view[0][1] + view[1][1] + worker.detok.tokens[:opener_len]
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]
         torch.tensor([prefix]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     assert worker.detok.tokens[opener_len:] == out[0, len(prefix) :].tolist()
@@ -134,7 +136,7 @@ def test_one_worker_contiguous_equals_generate(tok: Any) -> None:
 
 def test_same_seed_same_tokens_other_seed_other_tokens(tok: Any) -> None:
     eng = make_engine(tok, wired=False)
-    kw = dict(workers=2, max_tokens=16, temperature=1.0, finisher=False)
+    kw: dict[str, Any] = dict(workers=2, max_tokens=16, temperature=1.0, finisher=False)
     a, b, c = (eng.generate("x", seed=s, **kw) for s in (7, 7, 8))
     tokens = [[w.detok.tokens for w in j.workers] for j in (a, b, c)]
     assert tokens[0] == tokens[1] != tokens[2]

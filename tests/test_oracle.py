@@ -21,8 +21,8 @@ TOL = 1e-4
 def check_against_reference(model: Any, job: Any) -> int:
     """Returns the number of worker rows compared."""
     compared = 0
-    for step, ref_rows in zip(job.trace, replay(model, job.trace)):
-        for row, ref in zip(step.rows, ref_rows):
+    for step, ref_rows in zip(job.trace, replay(model, job.trace), strict=False):
+        for row, ref in zip(step.rows, ref_rows, strict=False):
             if row.logits is None:
                 continue
             assert ref is not None
@@ -40,7 +40,9 @@ def check_against_reference(model: Any, job: Any) -> int:
 def test_engine_matches_reference(tok: Any, family: str, layout: str, workers: int, attention: str) -> None:
     model = tiny_model(family, tok)
     eng = Engine.from_hf(model, tok, page_size=4, num_pages=4096, attention=attention, prefill_chunk=96)
-    job = eng.generate("Add 2 and 3.", workers=workers, layout=layout, max_tokens=40, finisher=False, trace=True)
+    job = eng.generate(
+        "Add 2 and 3.", workers=workers, layout=layout, max_tokens=40, finisher=False, trace=True
+    )
     assert check_against_reference(model, job) >= 20 * workers
     if layout != "contiguous":
         rollovers = [r.worker for s in job.trace for r in s.rollovers]
@@ -53,7 +55,9 @@ def test_several_jobs_at_once_match_the_reference(tok: Any) -> None:
     eng = Engine.from_hf(model, tok, page_size=4, num_pages=4096)
     jobs = [
         eng.submit(f"Job {i}", workers=w, layout=lay, max_tokens=30, finisher=False, trace=True)
-        for i, (w, lay) in enumerate([(2, "combined"), (3, "interleaved"), (1, "contiguous"), (5, "combined")])
+        for i, (w, lay) in enumerate(
+            [(2, "combined"), (3, "interleaved"), (1, "contiguous"), (5, "combined")]
+        )
     ]
     while not all(j.ended for j in jobs):
         eng.step()

@@ -168,4 +168,8 @@ class VectorizedAttention:
         return out
 
 
-ATTENTION_BACKENDS = {"reference": ReferenceAttention, "vectorized": VectorizedAttention}
+Attention = ReferenceAttention | VectorizedAttention
+ATTENTION_BACKENDS: dict[str, type[Attention]] = {
+    "reference": ReferenceAttention,
+    "vectorized": VectorizedAttention,
+}

@@ -47,7 +47,8 @@ class ModelShape:
             rms_norm_eps=config.rms_norm_eps,
             qkv_bias="model.layers.0.self_attn.q_proj.bias" in state,
             qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
-            tie_embeddings="lm_head.weight" not in state or bool(getattr(config, "tie_word_embeddings", False)),
+            tie_embeddings="lm_head.weight" not in state
+            or bool(getattr(config, "tie_word_embeddings", False)),
             max_positions=config.max_position_embeddings,
         )
 
@@ -180,7 +181,9 @@ class LlamaModel(nn.Module):
                 own[f"layers.{i}.{norm}.weight"] = state[pre + f"{norm}.weight"]
         own["embed_tokens.weight"] = state["model.embed_tokens.weight"]
         own["norm.weight"] = state["model.norm.weight"]
-        own["lm_head.weight"] = state["model.embed_tokens.weight" if self.shape.tie_embeddings else "lm_head.weight"]
+        own["lm_head.weight"] = state[
+            "model.embed_tokens.weight" if self.shape.tie_embeddings else "lm_head.weight"
+        ]
         self.load_state_dict(own, strict=True)
         if self.shape.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

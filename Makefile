@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make run` (set up, serve the default model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned: it is the CPU build on this kind of machine; pyproject keeps torch>=2.6 open.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/python -m engine "What is 17 * 23? Think step by step." --workers 2
+
+test: setup
+	$(BIN)/python -m engine.loader
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy engine tests bench
+
+bench: setup
+	$(BIN)/python -m bench engine
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Benchmarks for the Hogwild! engine (``python -m bench engine --help``)."""

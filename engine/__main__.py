@@ -1,0 +1,112 @@
+"""``python -m engine "problem" --workers 2``: watch the workers think, live, in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.columns import Columns
+from rich.console import Console
+from rich.live import Live
+from rich.panel import Panel
+from rich.text import Text
+
+from engine.collab import LAYOUTS
+from engine.engine import DTYPES, Engine
+from engine.events import Event
+
+COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    p.add_argument("problem")
+    p.add_argument(
+        "--model", default=None, help="hub id, local folder or .gguf file (default: embedded SmolLM2)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--layout", choices=LAYOUTS, default="combined")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quick-check-every", type=int, default=1024)
+    p.add_argument("--no-finisher", action="store_true")
+    p.add_argument(
+        "--view",
+        choices=("columns", "stream"),
+        default="columns",
+        help="side by side columns, or one interleaved stream of finished steps",
+    )
+    return p.parse_args(argv)
+
+
+def columns(names: list[str], texts: list[str], lines: int) -> Columns:
+    """One panel per worker showing the tail of its text: the terminal cannot hold it all."""
+    panels = []
+    for i, (name, text) in enumerate(zip(names, texts, strict=False)):
+        tail = "\n".join(text.splitlines()[-lines:])
+        panels.append(Panel(Text(tail), title=name, border_style=COLORS[i % len(COLORS)]))
+    return Columns(panels, equal=True, expand=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    console.print("[dim]loading model ...[/dim]")
+    eng = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    try:
+        job = eng.submit(
+            args.problem,
+            workers=args.workers,
+            layout=args.layout,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            quick_check_every=args.quick_check_every,
+            finisher=not args.no_finisher,
+        )
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    names = [w.name for w in job.workers]
+    texts = [""] * args.workers
+    done: Event | None = None
+
+    def handle(ev: Event) -> None:
+        nonlocal done
+        if ev.type == "token" and ev.worker is not None:
+            texts[ev.worker] += ev.text
+        elif ev.type == "step" and args.view == "stream" and ev.worker is not None:
+            color = COLORS[ev.worker % len(COLORS)]
+            console.print(Text(ev.text.rstrip(), style=color))
+        elif ev.type == "done":
+            done = ev
+
+    if args.view == "columns":
+        height = max(8, console.size.height - 6)
+        with Live(columns(names, texts, height), console=console, refresh_per_second=8) as live:
+            while not job.ended:
+                for ev in eng.step():
+                    handle(ev)
+                live.update(columns(names, texts, height))
+    else:
+        while not job.ended:
+            for ev in eng.step():
+                handle(ev)
+        for i, text in enumerate(texts):  # what was still in progress at the end
+            tail = text[sum(len(h["text"]) for h in job.history if h["worker"] == i) :]
+            if tail.strip():
+                console.print(Text(tail.rstrip(), style=COLORS[i % len(COLORS)]))
+    reason = done.data["finish_reason"] if done else job.finish_reason
+    console.print(
+        f"\n[bold]answer:[/bold] {job.answer if job.answer is not None else '(none)'}  [dim]({reason})[/dim]"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
