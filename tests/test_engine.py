@@ -223,3 +223,13 @@ def test_answer_detection() -> None:
     assert find_answer("\\boxed{\\frac{1}{2}} then \\boxed{3}") == "3"
     assert find_answer("\\boxed{\\frac{1}{2}") is None
     assert find_answer("no answer") is None
+
+
+def test_logit_bias_steers_greedy_and_sampled_choices(tok: Any) -> None:
+    eng = make_engine(tok, wired=False)
+    target = tok.encode(" banana", add_special_tokens=False)[0]
+    for temperature in (0.0, 1.0):
+        job = eng.generate(
+            "q", workers=2, max_tokens=5, finisher=False, temperature=temperature, logit_bias={target: 100.0}
+        )
+        assert all(w.detok.tokens[-5:] == [target] * 5 for w in job.workers)
