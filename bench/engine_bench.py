@@ -74,6 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="JSON output (default bench/results/engine_cpu.json)"
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="for both generate and the engine (default: float32 on CPU, bfloat16 on GPU)",
+    )
     p.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the embedded model)")
     p.add_argument(
         "--profile",
@@ -251,7 +257,8 @@ def main(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     console = Console(width=max(Console().width, 110))
     device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    default = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype else default
     hf_model, tokenizer = load_hf(args.model, dtype)
     hf_model = hf_model.to(device).eval()
     eng = Engine.from_hf(hf_model, tokenizer, device=device)
@@ -274,7 +281,10 @@ def main(args: argparse.Namespace) -> int:
         f.speedup_vs_generate = f.tokens_per_s / base
         f.speedup_vs_1_worker = f.tokens_per_s / one if one else None
 
-    table = Table(title=f"decode throughput: {args.tokens} tokens/seq, {len(ids)}-token prompt, {device}")
+    lens = {n: len(eng.prompt_ids(prompt, n)) for n in args.workers}
+    prompts = ", ".join(f"{n}w {k}" for n, k in lens.items())
+    title = f"{device}: {args.tokens} tokens/seq; prompt tokens: generate {len(ids)}, {prompts}"
+    table = Table(title=title)
     for col in ("", "tokens/s", "step latency ms", "speed-up vs generate", "speed-up vs 1 worker"):
         table.add_column(col, justify="left" if not col else "right")
     for f in figures:
@@ -291,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
             "dtype": str(dtype).removeprefix("torch."),
             "tokens": args.tokens,
             "prompt_tokens_text": args.prompt_tokens,
-            "prompt_tokens_1_worker": len(ids),
+            "prompt_tokens_by_workers": lens,
             "repeats": args.repeats,
             "workers": args.workers,
             "engine_options": asdict(eng.options),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -308,7 +308,3 @@ class Engine:
             "free_pages": self.free_pages,
             "steps": self.steps,
         }
-
-
-def engine_option_names() -> list[str]:
-    return [f.name for f in fields(EngineOptions)]

@@ -75,7 +75,6 @@ class Worker:
     generated: int = 0
     written: int = 0
     pending: list[int] = field(default_factory=list)  # next input tokens
-    pending_forced: bool = False
     rollover_after: bool = False  # the pending token ends the step: roll over once it is written
     finisher_start: int = -1  # where the finisher's text starts in ``text``, once it runs
     done: bool = False
@@ -181,10 +180,6 @@ class Job:
 
     # -- scheduling ---------------------------------------------------------------------------------
 
-    def start(self) -> list[Event]:
-        self.status = "prefill"
-        return []
-
     def schedule(self, prefill_budget: int) -> tuple[list[tuple[int, Row]], int]:
         """This step's rows as (worker index or -1 for prefill, row), and what is left of the budget."""
         if self.prefill:
@@ -219,7 +214,7 @@ class Job:
         return events
 
     def _force(self, w: Worker, ids: list[int]) -> list[Event]:
-        w.pending, w.pending_forced = list(ids), True
+        w.pending = list(ids)
         return [self._token_event(w, t, forced=True) for t in ids]
 
     def _token_event(self, w: Worker, token: int, forced: bool) -> Event:
@@ -298,7 +293,7 @@ class Job:
             return events + self._stop_worker(w, "stop")
         if w.generated >= self.options.max_tokens or w.written + 1 > self.token_cap:
             return events + self._stop_worker(w, "length")
-        w.pending, w.pending_forced = [token], False
+        w.pending = [token]
         if self.layout.rolls_over and ends_step(w.step_text, piece):
             w.rollover_after = True
         if self.options.quick_check_every and self.since_check >= self.options.quick_check_every:
@@ -360,7 +355,7 @@ class Job:
             # An unclosed box still holds the best guess we have.
             self.answer = answer if answer is not None else tail[len(ANSWER_PREFIX) :].strip() or None
             return events + self._done(self.finish_reason or "length")
-        w.pending, w.pending_forced = [token], False
+        w.pending = [token]
         return events
 
     def _done(self, reason: str) -> list[Event]:
