@@ -76,15 +76,20 @@ def tokenizer() -> Any:
 SEEDS = {"qwen2-bias": 1}
 
 
-def tiny_model(family: str, tok: Any, seed: int | None = None, wired: bool = True) -> PreTrainedModel:
+def random_model(family: str, vocab_size: int, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A float32 model of the family with random weights (biases too: transformers zeroes them)."""
     config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(SEEDS.get(family, 0) if seed is None else seed)
-    config = config_cls(vocab_size=len(tok), **{**BASE, **extra})
-    model = model_cls(config).eval()
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(vocab_size=vocab_size, **{**BASE, **extra, **overrides})).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("proj.bias"):  # transformers initializes biases to zero; make them count
+            if name.endswith("proj.bias"):
                 param.normal_(0, 0.05)
+    return model
+
+
+def tiny_model(family: str, tok: Any, seed: int | None = None, wired: bool = True) -> PreTrainedModel:
+    model = random_model(family, len(tok), SEEDS.get(family, 0) if seed is None else seed)
     if wired:
         dot, par = (
             tok.encode(".", add_special_tokens=False)[0],

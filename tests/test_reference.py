@@ -8,82 +8,32 @@ must equal a flat forward with a block mask: this is what checks non-trivial re-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import torch
 from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 from engine.trace import Rollover, TraceRow, TraceStep
+from tests.models import FAMILIES, random_model
 from tests.reference_hogwild import HogwildReferenceCache, replay
 
 VOCAB = 128
 TOL = 1e-4
 
 _SMALL: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=256,
     initializer_range=0.1,  # larger than the default 0.02: sharper, more position-sensitive attention
 )
 
 
-def _llama(rope: dict[str, object] | None = None) -> Callable[[], PreTrainedModel]:
-    def build() -> PreTrainedModel:
-        kwargs: dict[str, Any] = dict(_SMALL)
-        if rope is not None:
-            kwargs["rope_parameters"] = rope
-        return LlamaForCausalLM(LlamaConfig(**kwargs))
-
-    return build
-
-
-def _qwen3() -> PreTrainedModel:
-    return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **_SMALL))
-
-
-def _qwen2() -> PreTrainedModel:
-    return Qwen2ForCausalLM(Qwen2Config(**_SMALL))
-
-
-FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
-    "llama": _llama(),
-    "llama3-rope": _llama(
-        {
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        }
-    ),
-    "yarn-rope": _llama(
-        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
-    ),
-    "qwen3": _qwen3,
-    "qwen2": _qwen2,
-}
-
-
-def make_model(family: str = "llama", attn: str = "eager", seed: int = 0) -> PreTrainedModel:
-    torch.manual_seed(seed)
-    model = FAMILIES[family]()
+def make_model(family: str = "llama-gqa4", attn: str = "eager", seed: int = 0) -> PreTrainedModel:
+    model = random_model(family, VOCAB, seed, **_SMALL)
     model.set_attn_implementation(attn)
-    return model.float().eval()
+    return model
 
 
 def rand_tokens(n: int, seed: int) -> list[int]:
@@ -145,7 +95,7 @@ def max_diff(a: torch.Tensor | None, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_single_block_equals_flat(attn: str) -> None:
-    model = make_model("llama", attn)
+    model = make_model("llama-gqa4", attn)
     toks = rand_tokens(18, seed=1)
     tb = TraceBuilder()
     tb.step([(-1, "common", toks[:10], ["common"])])
@@ -206,7 +156,7 @@ def test_rollover_equals_flat(family: str) -> None:
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_two_workers_sees_other_block(attn: str) -> None:
     """B writes first; then A, viewing [common, step:B, step:A], equals flat(common + B + A)."""
-    model = make_model("llama", attn)
+    model = make_model("llama-gqa4", attn)
     common, b_toks, a_toks = rand_tokens(8, 3), rand_tokens(6, 4), rand_tokens(5, 5)
     view_a, view_b = ["common", "step:B", "step:A"], ["common", "step:A", "step:B"]
 
@@ -286,7 +236,7 @@ def test_nontrivial_rerotation_and_rollover(family: str) -> None:
 
 def test_rerotation_is_what_the_test_detects(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mutation check: without the re-rotation the previous scenario's expectations fail clearly."""
-    model = make_model("llama")
+    model = make_model("llama-gqa4")
     common, b_toks, a_toks = rand_tokens(8, 7), rand_tokens(5, 8), rand_tokens(3, 9)
     tb = TraceBuilder()
     tb.step([(-1, "common", common, ["common"])])
@@ -303,7 +253,7 @@ def test_rerotation_is_what_the_test_detects(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_same_step_visibility() -> None:
     """A's token sees B's token written in the same step exactly as if B had written it a step earlier."""
-    model = make_model("qwen3")
+    model = make_model("qwen3-qknorm")
     common, b_toks, a_toks = rand_tokens(8, 11), rand_tokens(4, 12), rand_tokens(3, 13)
     view_a, view_b = ["common", "step:B", "step:A"], ["common", "step:B"]
 
@@ -333,7 +283,7 @@ def test_same_step_visibility() -> None:
 def test_eager_and_sdpa_agree() -> None:
     results = []
     for attn in ("eager", "sdpa"):
-        model = make_model("qwen2", attn)
+        model = make_model("qwen2-bias", attn)
         tb = TraceBuilder()
         tb.step([(-1, "common", rand_tokens(6, 14), ["common"])])
         for k in range(4):
@@ -353,7 +303,7 @@ def test_eager_and_sdpa_agree() -> None:
 
 
 def test_rejects_inconsistent_traces() -> None:
-    model = make_model("llama")
+    model = make_model("llama-gqa4")
     ok = TraceRow(worker=-1, block="common", tokens=[1, 2, 3], view=[("common", 3)])
     bad_len = TraceRow(worker=0, block="step:A", tokens=[4], view=[("common", 2), ("step:A", 1)])
     with pytest.raises(ValueError, match="holds 3"):
@@ -367,11 +317,8 @@ def test_rejects_inconsistent_traces() -> None:
 
 
 def test_rejects_dynamic_rope() -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        **{**_SMALL, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}
-    )
-    model = LlamaForCausalLM(config).eval()
+    dynamic = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
+    model = random_model("llama-gqa4", VOCAB, rope_parameters=dynamic)
     with pytest.raises(ValueError, match="do not compose"):
         replay(
             model, [TraceStep(rows=[TraceRow(worker=-1, block="common", tokens=[1], view=[("common", 1)])])]
