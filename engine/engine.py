@@ -193,7 +193,15 @@ class Engine:
             raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
         stops = tuple([stop] if isinstance(stop, str) else stop or ())
         opts = JobOptions(
-            workers, layout, max_tokens, sampling, seed, quick_check_every, finisher, 16, stops, trace
+            workers=workers,
+            layout=layout,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            seed=seed,
+            quick_check_every=quick_check_every,
+            finisher=finisher,
+            stop=stops,
+            trace=trace,
         )
         ids = self.prompt_ids(prompt, workers)
         job = Job(
@@ -207,16 +215,16 @@ class Engine:
         )
         if job.id in self.jobs:
             raise ValueError(f"job id {job.id!r} is already in use")
-        longest = sum(len(t) for _, t in job.prefill) + workers * job.token_cap + len(job.finisher_ids) + 16
-        if longest > self.shape.max_positions:
+        if job.max_total_tokens > self.shape.max_positions:
             raise ValueError(
                 f"prompt too long: {len(ids)} prompt tokens plus {workers} workers x up to {job.token_cap} "
                 f"tokens exceed the model's {self.shape.max_positions} positions; shorten the prompt or "
                 "lower max_tokens or workers"
             )
-        if job.pages_needed(self.pool) > self.pool.num_pages:
+        pages = job.pages_needed(self.pool)
+        if pages > self.pool.num_pages:
             raise ValueError(
-                f"job needs {job.pages_needed(self.pool)} KV pages but the pool has {self.pool.num_pages}; "
+                f"job needs {pages} KV pages but the pool has {self.pool.num_pages}; "
                 "lower max_tokens or workers"
             )
         self.jobs[job.id] = job
@@ -250,32 +258,31 @@ class Engine:
     def step(self) -> list[Event]:
         events, self.outbox = self.outbox, []
         self._admit()
-        batch: list[tuple[Job, int, Row]] = []
+        scheduled: list[tuple[Job, list[tuple[int, Row]]]] = []
         budget = self.options.prefill_chunk
         for job in self.running:
             rows, budget = job.schedule(budget)
-            batch += [(job, w, row) for w, row in rows]
-        if not batch:
+            if rows:
+                scheduled.append((job, rows))
+        if not scheduled:
             return events
-        slots = [row.block.extend(self.pool, row.tokens, job.holder) for job, _, row in batch]
-        logits = self.runner.run([row for _, _, row in batch], slots)
-        groups, owners, start = [], [], 0
-        for job in self.running:
-            wanted = [(w, row) for j, w, row in batch if j is job and row.want_logits]
-            if wanted:
-                groups.append((slice(start, start + len(wanted)), job.options.sampling, job.generator))
-                owners += [(job, w) for w, _ in wanted]
-                start += len(wanted)
-        tokens = sample(logits, groups) if owners else []
+        batch = [(job, row) for job, rows in scheduled for _, row in rows]
+        slots = [row.block.extend(self.pool, row.tokens, job.holder) for job, row in batch]
+        logits = self.runner.run([row for _, row in batch], slots)
+        # Logits come back in batch order, so each job's rows that asked for them are one contiguous span.
+        groups, spans, start = [], [], 0
+        for job, rows in scheduled:
+            span = slice(start, start + sum(row.want_logits for _, row in rows))
+            if span.stop > span.start:
+                groups.append((span, job.options.sampling, job.generator))
+            spans.append(span)
+            start = span.stop
+        tokens = sample(logits, groups) if start else []
         self.steps += 1
-        for job in list(self.running):
-            rows = [(w, row) for j, w, row in batch if j is job]
-            if not rows:
-                continue
-            picked = {w: t for (j, w), t in zip(owners, tokens, strict=False) if j is job}
-            job_logits = (
-                {w: logits[i] for i, (j, w) in enumerate(owners) if j is job} if job.options.trace else {}
-            )
+        for (job, rows), span in zip(scheduled, spans, strict=True):
+            wanted = [w for w, row in rows if row.want_logits]
+            picked = dict(zip(wanted, tokens[span], strict=True))
+            job_logits = dict(zip(wanted, logits[span], strict=True)) if job.options.trace else {}
             try:
                 events += job.absorb(rows, picked, job_logits, self.runner, self.pool)
             except Exception as exc:  # a job's own failure must not stop the others

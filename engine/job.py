@@ -130,20 +130,20 @@ class Job:
             self.workers.append(Worker(i, worker_name(i), block, Detokenizer(tokenizer)))
         self.finisher_ids = encode(FINISHER)
         self.token_cap = options.max_tokens + options.max_tokens // 4 + 64
+        # Every token lives in exactly one block, so this bounds both any view and what the job holds.
+        self.max_total_tokens = (
+            sum(len(ids) for _, ids in self.prefill)
+            + options.workers * self.token_cap
+            + len(self.finisher_ids)
+            + options.finisher_tokens
+        )
 
     # -- memory -------------------------------------------------------------------------------------
 
     def pages_needed(self, pool: PagePool) -> int:
         """Worst case: every token exists once (a step's pages are returned page by page as it moves into
-        common), plus a partial page per block and the finisher."""
-        static = sum(len(ids) for _, ids in self.prefill)
-        tokens = (
-            static
-            + self.options.workers * self.token_cap
-            + len(self.finisher_ids)
-            + self.options.finisher_tokens
-        )
-        return pool.pages_for(tokens) + len(self.blocks) + 2
+        common), plus a partial page per block and one spare for the move."""
+        return pool.pages_for(self.max_total_tokens) + len(self.blocks) + 2
 
     def release(self, pool: PagePool) -> None:
         for block in self.blocks.values():
@@ -254,14 +254,13 @@ class Job:
             if not self.prefill:
                 events += self.begin_decode()
             return events
-        for worker, row in rows:
+        for i, (worker, row) in enumerate(rows):
             w = self.workers[worker]
             w.written += len(row.tokens)
             w.pending = []
-            if trace is not None:
-                tr = next(r for r in trace.rows if r.worker == worker)
-                tr.logits = logits.get(worker)
-                tr.next_token = sampled.get(worker)
+            if trace is not None:  # its rows are in the order of ``rows``
+                trace.rows[i].logits = logits.get(worker)
+                trace.rows[i].next_token = sampled.get(worker)
             if w.rollover_after:
                 w.rollover_after = False
                 events += self._rollover(w, runner, pool, trace)
