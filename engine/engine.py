@@ -16,6 +16,7 @@ import torch
 
 from engine.block_manager import PagePool
 from engine.collab import LAYOUTS, instructions
+from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.events import Event
 from engine.job import Job, JobOptions
 from engine.layers.attention import ATTENTION_BACKENDS
@@ -39,10 +40,6 @@ class EngineOptions:
     max_tokens: int = 32768  # per worker
     max_running_jobs: int = 64
     max_queued_jobs: int = 256
-
-
-class QueueFullError(RuntimeError):
-    pass
 
 
 class Engine:
@@ -149,7 +146,7 @@ class Engine:
         )
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
-            raise ValueError("messages must contain a user message")
+            raise InvalidRequest("messages", "messages must contain a user message")
         users[-1]["content"] = instructions(workers) + users[-1]["content"]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -173,22 +170,24 @@ class Engine:
         trace: bool = False,
         job_id: str | None = None,
     ) -> Job:
-        """Queue a job; raises ValueError with a message naming the problem, QueueFullError if full."""
+        """Queue a job; raises InvalidRequest naming the problem, PromptTooLong, or QueueFullError."""
         if not isinstance(workers, int) or not 1 <= workers <= self.options.max_workers:
-            raise ValueError(f"workers must be between 1 and {self.options.max_workers}")
+            raise InvalidRequest("workers", f"workers must be between 1 and {self.options.max_workers}")
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
-        if not 1 <= max_tokens <= self.options.max_tokens:
-            raise ValueError(f"max_tokens must be between 1 and {self.options.max_tokens}")
+            raise InvalidRequest("layout", f"layout must be one of {', '.join(LAYOUTS)}")
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.options.max_tokens:
+            raise InvalidRequest("max_tokens", f"max_tokens must be between 1 and {self.options.max_tokens}")
         if quick_check_every < 0:
-            raise ValueError("quick_check_every must be >= 0")
+            raise InvalidRequest("quick_check_every", "quick_check_every must be >= 0")
         bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
         if any(not 0 <= t < self.shape.vocab_size for t, _ in bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {self.shape.vocab_size})")
+            raise InvalidRequest(
+                "logit_bias", f"logit_bias token ids must be in [0, {self.shape.vocab_size})"
+            )
         sampling = SamplingParams(temperature, top_p, top_k, bias)
         sampling.validate()
         if not prompt:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequest("prompt", "prompt must not be empty")
         if len(self.queue) >= self.options.max_queued_jobs:
             raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
         stops = tuple([stop] if isinstance(stop, str) else stop or ())
@@ -214,18 +213,20 @@ class Engine:
             self.device,
         )
         if job.id in self.jobs:
-            raise ValueError(f"job id {job.id!r} is already in use")
+            raise InvalidRequest("id", f"job id {job.id!r} is already in use")
         if job.max_total_tokens > self.shape.max_positions:
-            raise ValueError(
+            raise PromptTooLong(
+                "prompt",
                 f"prompt too long: {len(ids)} prompt tokens plus {workers} workers x up to {job.token_cap} "
                 f"tokens exceed the model's {self.shape.max_positions} positions; shorten the prompt or "
-                "lower max_tokens or workers"
+                "lower max_tokens or workers",
             )
         pages = job.pages_needed(self.pool)
         if pages > self.pool.num_pages:
-            raise ValueError(
+            raise PromptTooLong(
+                "max_tokens",
                 f"job needs {pages} KV pages but the pool has {self.pool.num_pages}; "
-                "lower max_tokens or workers"
+                "lower max_tokens or workers",
             )
         self.jobs[job.id] = job
         self.queue.append(job)
@@ -291,6 +292,21 @@ class Engine:
                 self._retire(job)
         return events
 
+    def cancel_all(self) -> list[Event]:
+        """Cancel every queued and running job (shutdown): each ends with its done event."""
+        for job in [*self.queue, *self.running]:
+            self.cancel(job.id)
+        events, self.outbox = self.outbox, []
+        return events
+
+    def fail_running(self, message: str) -> list[Event]:
+        """A forward pass failed: its jobs cannot go on, but their pages must come back."""
+        events = []
+        for job in list(self.running):
+            events += job.fail(message)
+            self._retire(job)
+        return events
+
     def _admit(self) -> None:
         while self.queue and len(self.running) < self.options.max_running_jobs:
             job = self.queue[0]
@@ -313,5 +329,6 @@ class Engine:
             "queued": len(self.queue),
             "total_pages": self.total_pages,
             "free_pages": self.free_pages,
+            "used_pages": self.pool.num_pages - self.pool.free_list_len,
             "steps": self.steps,
         }

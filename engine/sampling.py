@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import InvalidRequest
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,13 +18,13 @@ class SamplingParams:
 
     def validate(self) -> None:
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise InvalidRequest("temperature", "temperature must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise InvalidRequest("top_p", "top_p must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise InvalidRequest("top_k", "top_k must be >= 0")
         if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
-            raise ValueError("logit_bias values must be between -100 and 100")
+            raise InvalidRequest("logit_bias", "logit_bias values must be between -100 and 100")
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine import Engine, UnsupportedModelError
+from engine import Engine, InvalidRequest, PromptTooLong, UnsupportedModelError
 from engine.collab import ends_step, find_answer
 from tests.models import tiny_model
 
@@ -197,8 +197,10 @@ def test_stop_strings_and_max_tokens(tok: Any) -> None:
 )
 def test_bad_submissions_are_refused_with_a_message(tok: Any, kwargs: dict[str, Any], message: str) -> None:
     eng = make_engine(tok)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidRequest, match=message) as refused:
         eng.submit("q", **kwargs)
+    assert refused.value.field == (message if message in kwargs else "prompt")
+    assert isinstance(refused.value, PromptTooLong) == (message == "prompt too long")
     assert not eng.jobs
 
 

@@ -1,0 +1,197 @@
+"""The front end's handle on an engine process, for asyncio: commands with replies, events by callback.
+
+The server either spawns the engine (one end of a socket pair is handed to the child, so no port is
+opened and the child ends with the server) or connects to a standalone one. When the engine dies the
+socket reaches end of file at once, every waiting command fails with ``EngineUnavailable`` and
+``on_exit`` tells the server, which fails its open jobs: a dead engine is known within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from engine import protocol
+from engine.serve import parse_address
+
+EventsCallback = Callable[[list[dict[str, Any]]], None]
+ExitCallback = Callable[[str], None]
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine process is gone (or never came up)."""
+
+
+class EngineRefused(Exception):
+    """The engine refused a command; ``code`` is one of protocol's reply codes."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+class EngineClient:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_events: EventsCallback,
+        on_exit: ExitCallback,
+        process: asyncio.subprocess.Process | None = None,
+    ):
+        self.reader, self.writer, self.process = reader, writer, process
+        self.on_events, self.on_exit = on_events, on_exit
+        self.info: dict[str, Any] = {}
+        self.dead: str | None = None
+        self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._numbers = itertools.count()
+        self._task = asyncio.create_task(self._read_loop())
+
+    # -- starting -----------------------------------------------------------------------------------
+
+    @classmethod
+    async def spawn(
+        cls, args: list[str], on_events: EventsCallback, on_exit: ExitCallback, ready_timeout: float
+    ) -> EngineClient:
+        """Start ``python -m engine.serve`` with ``args`` and wait until its model is loaded."""
+        ours, theirs = socket.socketpair()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "engine.serve",
+            "--fd",
+            str(theirs.fileno()),
+            *args,
+            pass_fds=(theirs.fileno(),),
+        )
+        theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        client = cls(reader, writer, on_events, on_exit, process)
+        await client.wait_ready(ready_timeout)
+        return client
+
+    @classmethod
+    async def connect(
+        cls, address: str, on_events: EventsCallback, on_exit: ExitCallback, ready_timeout: float = 10.0
+    ) -> EngineClient:
+        """Connect to a standalone ``python -m engine.serve --address ...``."""
+        family, addr = parse_address(address)
+        try:
+            if family == socket.AF_UNIX:
+                reader, writer = await asyncio.open_unix_connection(addr)
+            else:
+                reader, writer = await asyncio.open_connection(*addr)
+        except OSError as exc:
+            raise EngineUnavailable(f"cannot reach the engine at {address}: {exc}") from exc
+        client = cls(reader, writer, on_events, on_exit)
+        await client.wait_ready(ready_timeout)
+        return client
+
+    async def wait_ready(self, timeout: float) -> None:
+        try:
+            self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError as exc:
+            await self.close()
+            raise EngineUnavailable(f"the engine was not ready within {timeout:.0f} s") from exc
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    async def request(self, kind: str, **fields: Any) -> Any:
+        if self.dead is not None:
+            raise EngineUnavailable(self.dead)
+        req = next(self._numbers)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[req] = future
+        self.writer.write(protocol.pack({"type": kind, "req": req, **fields}))
+        try:
+            await self.writer.drain()
+        except OSError as exc:
+            self._pending.pop(req, None)
+            raise EngineUnavailable(f"the engine connection broke: {exc}") from exc
+        return await future
+
+    async def submit(self, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("submit", job_id=job_id, params=params)
+        return result
+
+    async def cancel(self, job_id: str) -> bool:
+        return bool(await self.request("cancel", job_id=job_id))
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("stats")
+        return result
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Ask for a graceful shutdown (open jobs end with done events), then make sure it is gone."""
+        if self.dead is None:
+            with contextlib.suppress(EngineUnavailable, OSError):
+                await asyncio.wait_for(self.request("shutdown"), timeout)
+        process = self.process
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, timeout)
+        self.writer.close()
+
+    # -- the reader ---------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        unpacker = protocol.unpacker()
+        reason = "the engine closed the connection"
+        try:
+            while chunk := await self.reader.read(1 << 20):
+                unpacker.feed(chunk)
+                for message in unpacker:
+                    self._dispatch(message)
+        except Exception as exc:  # a broken stream ends this client like a dead engine does
+            reason = f"the engine connection failed: {type(exc).__name__}: {exc}"
+        self._died(await self._exit_reason(reason))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "events":
+            self.on_events(message["events"])
+        elif kind == "reply":
+            future = self._pending.pop(message["req"], None)
+            if future is None or future.done():
+                return
+            if message["ok"]:
+                future.set_result(message.get("result"))
+            else:
+                future.set_exception(EngineRefused(message["code"], message["error"], message.get("field")))
+        elif kind == "ready" and not self._ready.done():
+            self._ready.set_result(message["info"])
+
+    async def _exit_reason(self, reason: str) -> str:
+        process = self.process
+        if process is None:
+            return reason
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(process.wait(), 0.5)
+        code = process.returncode
+        if code is None:
+            return reason
+        if code < 0:
+            return f"the engine process was killed by {signal.Signals(-code).name}"
+        return f"the engine process exited with status {code}"
+
+    def _died(self, reason: str) -> None:
+        self.dead = reason
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(reason))
+        self._pending.clear()
+        if not self._ready.done():
+            self._ready.set_exception(EngineUnavailable(reason))
+        self.on_exit(reason)

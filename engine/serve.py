@@ -1,0 +1,264 @@
+"""``python -m engine.serve``: the engine as its own process, looping without waiting on anyone.
+
+It owns the model, the pool and the scheduler. Between two decode steps it reads whatever commands have
+arrived (without blocking while there is work), then sends each front end one message with all the
+events of its jobs for that step. A front end that goes away has its jobs cancelled, so their pages
+come back. The listening socket is loopback unless told otherwise; a spawning server instead hands over
+one end of a socket pair (``--fd``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from engine import protocol
+from engine.engine import DTYPES, Engine, EngineOptions
+from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
+from engine.loader import DEFAULT_NAME
+
+log = logging.getLogger("hogwild.engine")
+
+IDLE_WAIT_S = 0.5  # how long an idle engine sleeps in select before checking for shutdown
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: one per socket
+class Connection:
+    sock: socket.socket
+    unpacker: Any = dataclasses.field(default_factory=protocol.unpacker)
+    jobs: set[str] = dataclasses.field(default_factory=set)
+
+
+class EngineService:
+    def __init__(self, engine: Engine, info: dict[str, Any], exit_when_alone: bool = False):
+        self.engine = engine
+        self.info = info
+        self.exit_when_alone = exit_when_alone  # spawned for one front end: end with it
+        self.selector = selectors.DefaultSelector()
+        self.connections: dict[socket.socket, Connection] = {}
+        self.owner: dict[str, Connection] = {}
+        self.stopping = False
+        self.step_times: deque[float] = deque(maxlen=100)
+
+    # -- sockets ------------------------------------------------------------------------------------
+
+    def listen(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ, self._accept)
+
+    def adopt(self, sock: socket.socket) -> None:
+        """A front end connects: greet it with what it needs to know before submitting."""
+        sock.setblocking(True)
+        conn = Connection(sock)
+        self.connections[sock] = conn
+        self.selector.register(sock, selectors.EVENT_READ, self._read)
+        self._send(conn, {"type": "ready", "info": self.info})
+
+    def _accept(self, sock: socket.socket) -> None:
+        client, _ = sock.accept()
+        self.adopt(client)
+
+    def _read(self, sock: socket.socket) -> None:
+        conn = self.connections[sock]
+        try:
+            data = sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        try:
+            conn.unpacker.feed(data)
+            for message in conn.unpacker:
+                self._handle(conn, message)
+        except Exception as exc:  # malformed input: this front end is cut off, the others go on
+            log.warning("dropping a front end that sent a bad message: %s", exc)
+            self._drop(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        """The front end went away: nobody will read its jobs' events, so cancel them and free pages."""
+        for job_id in conn.jobs:
+            self.engine.cancel(job_id)
+            self.owner.pop(job_id, None)
+        self.selector.unregister(conn.sock)
+        del self.connections[conn.sock]
+        conn.sock.close()
+        if self.exit_when_alone and not self.connections:
+            self.stopping = True
+
+    def _send(self, conn: Connection, message: dict[str, Any]) -> None:
+        try:
+            conn.sock.sendall(protocol.pack(message))
+        except OSError:
+            self._drop(conn)
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    def _handle(self, conn: Connection, message: dict[str, Any]) -> None:
+        kind, req = message.get("type"), message.get("req")
+        reply: dict[str, Any] = {"type": "reply", "req": req, "ok": True}
+        if kind == "submit":
+            reply.update(self._submit(conn, message))
+        elif kind == "cancel":
+            reply["result"] = self.engine.cancel(str(message.get("job_id")))
+        elif kind == "stats":
+            reply["result"] = self.stats()
+        elif kind == "shutdown":
+            self.stopping = True
+            reply["result"] = True
+        else:
+            reply.update(ok=False, code=protocol.INVALID, error=f"unknown command {kind!r}")
+        self._send(conn, reply)
+
+    def _submit(self, conn: Connection, message: dict[str, Any]) -> dict[str, Any]:
+        if self.stopping:
+            return {"ok": False, "code": protocol.SHUTTING_DOWN, "error": "the engine is shutting down"}
+        params = dict(message.get("params") or {})
+        if params.get("logit_bias"):
+            params["logit_bias"] = {int(k): v for k, v in params["logit_bias"].items()}
+        try:
+            job = self.engine.submit(job_id=message.get("job_id"), **params)
+        except QueueFullError as exc:
+            return {"ok": False, "code": protocol.QUEUE_FULL, "error": str(exc)}
+        except PromptTooLong as exc:
+            return {"ok": False, "code": protocol.TOO_LONG, "error": str(exc), "field": exc.field}
+        except InvalidRequest as exc:
+            return {"ok": False, "code": protocol.INVALID, "error": str(exc), "field": exc.field}
+        except TypeError as exc:  # an unknown keyword
+            return {"ok": False, "code": protocol.INVALID, "error": str(exc)}
+        conn.jobs.add(job.id)
+        self.owner[job.id] = conn
+        return {
+            "result": {
+                "job_id": job.id,
+                "prompt_tokens": len(job.prompt_ids),
+                "workers": [w.name for w in job.workers],
+            }
+        }
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        times = self.step_times
+        span = times[-1] - times[0] if len(times) > 1 else 0.0
+        stats["steps_per_second"] = (len(times) - 1) / span if span > 0 else 0.0
+        return stats
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            busy = self.engine.has_work
+            for key, _ in self.selector.select(0 if busy else IDLE_WAIT_S):
+                key.data(key.fileobj)
+            if self.stopping:
+                self._deliver(self.engine.cancel_all())
+                break
+            if self.engine.has_work:
+                self._step()
+        for conn in list(self.connections.values()):
+            conn.sock.close()
+        self.selector.close()
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:  # the batch failed: its jobs end with an error, the engine goes on
+            log.exception("decode step failed")
+            events = self.engine.fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+        self.step_times.append(time.monotonic())
+        self._deliver(events)
+
+    def _deliver(self, events: list[Any]) -> None:
+        by_conn: dict[Connection, list[dict[str, Any]]] = {}
+        for ev in events:
+            conn = self.owner.get(ev.job_id)
+            if conn is None:
+                continue
+            by_conn.setdefault(conn, []).append(ev.to_dict())
+            if ev.type == "done":
+                del self.owner[ev.job_id]
+                conn.jobs.discard(ev.job_id)
+        for conn, batch in by_conn.items():
+            self._send(conn, {"type": "events", "step": self.engine.steps, "events": batch})
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for the model and every EngineOptions field, shared with the server's command line."""
+    parser.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: SmolLM2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    for f in dataclasses.fields(EngineOptions):
+        kind = str if f.type in ("str", str) else int
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineOptions flags that were given, as keywords."""
+    names = (f.name for f in dataclasses.fields(EngineOptions))
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def parse_address(address: str) -> tuple[int, Any]:
+    """``host:port`` (TCP) or a filesystem path (a Unix socket)."""
+    if ":" in address and not address.startswith(("/", ".")):
+        host, _, port = address.rpartition(":")
+        return socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
+    return socket.AF_UNIX, address
+
+
+def model_name(model: str | None) -> str:
+    """What /v1/models calls it: the hub id, or a local folder's or file's own name."""
+    if model is None:
+        return DEFAULT_NAME
+    path = Path(model)
+    return path.stem if path.exists() else model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__)
+    add_engine_arguments(parser)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--address", default="127.0.0.1:7071", help="host:port or a Unix socket path")
+    where.add_argument("--fd", type=int, default=None, help="an inherited connected socket (spawned)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, **engine_options(args))
+    info = {
+        "model": model_name(args.model),
+        "max_workers": engine.options.max_workers,
+        "max_tokens": engine.options.max_tokens,
+        "max_positions": engine.shape.max_positions,
+        "total_pages": engine.total_pages,
+        "page_size": engine.options.page_size,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+    }
+    service = EngineService(engine, info, exit_when_alone=args.fd is not None)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
+    if args.fd is not None:
+        service.adopt(socket.socket(fileno=args.fd))
+    else:
+        family, addr = parse_address(args.address)
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        if family != socket.AF_UNIX:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(addr)
+        listener.listen()
+        service.listen(listener)
+        log.info("listening on %s", args.address)
+    service.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The engine as its own process, driven through the same asyncio client the server uses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import protocol
+from engine.client import EngineClient, EngineRefused, EngineUnavailable
+
+READY_S = 120.0  # a hang guard for process start-up, not a speed requirement
+
+
+class Recorder:
+    """Collects the events the engine sends, by job, and notes when the engine goes away."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.ended: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.exit = asyncio.Event()
+        self.exit_reason = ""
+
+    def on_events(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            self.events[ev["job_id"]].append(ev)
+            if ev["type"] == "done":
+                self.ended[ev["job_id"]].set()
+
+    def on_exit(self, reason: str) -> None:
+        self.exit_reason = reason
+        self.exit.set()
+
+
+async def spawn(model_dir: Path, *args: str) -> tuple[EngineClient, Recorder]:
+    rec = Recorder()
+    client = await EngineClient.spawn(
+        ["--model", str(model_dir), *args], rec.on_events, rec.on_exit, ready_timeout=READY_S
+    )
+    return client, rec
+
+
+def assert_gap_free(events: list[dict[str, Any]]) -> None:
+    assert [ev["seq"] for ev in events] == list(range(len(events)))
+    assert events[-1]["type"] == "done"
+    assert sum(ev["type"] == "done" for ev in events) == 1
+
+
+def test_fifty_jobs_with_random_cancels_all_end_and_the_pool_refills(tiny_model_dir: Path) -> None:
+    async def scenario() -> None:
+        client, rec = await spawn(tiny_model_dir, "--max-queued-jobs", "64", "--max-running-jobs", "16")
+        rng = random.Random(7)
+        jobs = [f"job-{i}" for i in range(50)]
+
+        async def submit(job_id: str) -> None:
+            params = {
+                "prompt": f"Problem {job_id}: add the numbers 1 to {rng.randint(3, 30)}.",
+                "workers": rng.randint(1, 3),
+                "max_tokens": rng.randint(4, 24),
+                "temperature": rng.choice([0.0, 0.8]),
+                "seed": rng.randint(0, 100),
+            }
+            await client.submit(job_id, params)
+
+        await asyncio.gather(*(submit(j) for j in jobs))
+        cancelled = rng.sample(jobs, 15)
+        for job_id in cancelled:
+            await asyncio.sleep(rng.random() * 0.05)
+            await client.cancel(job_id)
+        await asyncio.wait_for(asyncio.gather(*(rec.ended[j].wait() for j in jobs)), 300)
+        for job_id in jobs:
+            events = rec.events[job_id]
+            assert_gap_free(events)
+            reason = events[-1]["data"]["finish_reason"]
+            assert reason in ("answer", "stop", "length", "cancelled")
+        assert any(rec.events[j][-1]["data"]["finish_reason"] == "cancelled" for j in cancelled)
+        stats = await client.stats()
+        assert stats["running"] == stats["queued"] == 0
+        assert stats["free_pages"] == stats["total_pages"]
+        assert stats["used_pages"] == 0
+        assert stats["steps"] > 0
+        await client.close()
+        assert client.process is not None and client.process.returncode == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_full_queue_refuses_at_once_with_its_reason(tiny_model_dir: Path) -> None:
+    async def scenario() -> None:
+        client, _ = await spawn(tiny_model_dir, "--max-queued-jobs", "2", "--max-running-jobs", "1")
+        long_job = {"prompt": "Count to a million.", "workers": 2, "max_tokens": 1000, "quick_check_every": 0}
+        for i in range(3):  # one runs, two wait (whatever the timing, at most three fit)
+            try:
+                await client.submit(f"j{i}", long_job)
+            except EngineRefused as exc:
+                assert exc.code == protocol.QUEUE_FULL
+        with pytest.raises(EngineRefused, match="queue is full") as refused:
+            await client.submit("j3", long_job)
+        assert refused.value.code == protocol.QUEUE_FULL
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_invalid_submissions_name_the_field(tiny_model_dir: Path) -> None:
+    async def scenario() -> None:
+        client, _ = await spawn(tiny_model_dir, "--max-workers", "4")
+        cases: list[tuple[dict[str, Any], str, str]] = [
+            ({"prompt": "q", "workers": 9}, protocol.INVALID, "workers"),
+            ({"prompt": "q", "layout": "spiral"}, protocol.INVALID, "layout"),
+            ({"prompt": "q", "top_p": 2.0}, protocol.INVALID, "top_p"),
+            ({"prompt": "q " * 3000, "workers": 4, "max_tokens": 500}, protocol.TOO_LONG, "prompt"),
+        ]
+        for params, code, field in cases:
+            with pytest.raises(EngineRefused) as refused:
+                await client.submit("bad", params)
+            assert (refused.value.code, refused.value.field) == (code, field)
+        with pytest.raises(EngineRefused, match="unexpected keyword"):
+            await client.submit("bad", {"prompt": "q", "colour": "red"})
+        stats = await client.stats()
+        assert stats["queued"] == stats["running"] == 0
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_kill_9_is_detected_and_open_requests_fail(tiny_model_dir: Path) -> None:
+    async def scenario() -> None:
+        client, rec = await spawn(tiny_model_dir)
+        await client.submit("long", {"prompt": "Think for a long time.", "max_tokens": 1000})
+        assert client.process is not None
+        os.kill(client.process.pid, signal.SIGKILL)
+        await asyncio.wait_for(rec.exit.wait(), 30)
+        assert "SIGKILL" in rec.exit_reason
+        with pytest.raises(EngineUnavailable, match="SIGKILL"):
+            await client.stats()
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_standalone_engine_over_loopback_tcp(tiny_model_dir: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.serve", "--model", str(tiny_model_dir), "--address", address]
+    )
+
+    async def scenario() -> None:
+        rec = Recorder()
+        for _ in range(int(READY_S * 10)):  # the process listens once its model is loaded
+            try:
+                client = await EngineClient.connect(address, rec.on_events, rec.on_exit)
+                break
+            except EngineUnavailable:
+                await asyncio.sleep(0.1)
+        assert client.info["max_workers"] >= 2
+        await client.submit("tcp-job", {"prompt": "What is 2 + 2?", "workers": 2, "max_tokens": 8})
+        await asyncio.wait_for(rec.ended["tcp-job"].wait(), 120)
+        events = rec.events["tcp-job"]
+        assert_gap_free(events)
+        assert {ev["worker"] for ev in events if ev["type"] == "token"} == {0, 1}
+        await client.close()
+        await asyncio.wait_for(rec.exit.wait(), 30)
+
+    try:
+        asyncio.run(scenario())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
