@@ -20,7 +20,7 @@ from typing import Any
 from engine import protocol
 from engine.serve import parse_address
 
-EventsCallback = Callable[[list[dict[str, Any]]], None]
+EventsCallback = Callable[[dict[str, Any]], None]  # gets each "events" message whole
 ExitCallback = Callable[[str], None]
 
 
@@ -161,7 +161,7 @@ class EngineClient:
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "events":
-            self.on_events(message["events"])
+            self.on_events(message)
         elif kind == "reply":
             future = self._pending.pop(message["req"], None)
             if future is None or future.done():

@@ -9,8 +9,8 @@ Front end to engine, each with a request number ``req`` that the reply carries b
 Engine to front end:
   ``{"type": "ready", "info": {...}}`` once the model is loaded, first on every connection;
   ``{"type": "reply", "req", "ok", "result" | "error", "code", "field"}``;
-  ``{"type": "events", "step", "events": [...]}``: one message per decode step with every event of that
-  connection's jobs (Event.to_dict()).
+  ``{"type": "events", "step", "step_s", "events": [...]}``: one message per decode step with every event
+  of that connection's jobs (Event.to_dict()) and how long the step took.
 """
 
 from __future__ import annotations

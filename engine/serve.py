@@ -169,15 +169,17 @@ class EngineService:
         self.selector.close()
 
     def _step(self) -> None:
+        start = time.monotonic()
         try:
             events = self.engine.step()
         except Exception as exc:  # the batch failed: its jobs end with an error, the engine goes on
             log.exception("decode step failed")
             events = self.engine.fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
-        self.step_times.append(time.monotonic())
-        self._deliver(events)
+        now = time.monotonic()
+        self.step_times.append(now)
+        self._deliver(events, now - start)
 
-    def _deliver(self, events: list[Any]) -> None:
+    def _deliver(self, events: list[Any], step_s: float = 0.0) -> None:
         by_conn: dict[Connection, list[dict[str, Any]]] = {}
         for ev in events:
             conn = self.owner.get(ev.job_id)
@@ -188,7 +190,7 @@ class EngineService:
                 del self.owner[ev.job_id]
                 conn.jobs.discard(ev.job_id)
         for conn, batch in by_conn.items():
-            self._send(conn, {"type": "events", "step": self.engine.steps, "events": batch})
+            self._send(conn, {"type": "events", "step": self.engine.steps, "step_s": step_s, "events": batch})
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,8 +30,9 @@ class Recorder:
         self.exit = asyncio.Event()
         self.exit_reason = ""
 
-    def on_events(self, events: list[dict[str, Any]]) -> None:
-        for ev in events:
+    def on_events(self, message: dict[str, Any]) -> None:
+        assert message["step_s"] >= 0
+        for ev in message["events"]:
             self.events[ev["job_id"]].append(ev)
             if ev["type"] == "done":
                 self.ended[ev["job_id"]].set()

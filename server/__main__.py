@@ -1,0 +1,63 @@
+"""``python -m server`` (or ``hogwild-server``): the HTTP server under uvicorn.
+
+SIGTERM and Ctrl-C first stop the engine gracefully, so every open stream ends with its done event, and
+only then let uvicorn close the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from types import FrameType
+
+import uvicorn
+
+from server.app import create_app
+from server.hub import Hub
+from server.settings import parse_settings
+
+DRAIN_TIMEOUT_S = 15.0
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, hub: Hub):
+        super().__init__(config)
+        self.hub = hub
+        self.draining: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining is not None:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        hub = self.hub
+
+        async def drain() -> None:
+            try:
+                await asyncio.wait_for(hub.stop(), DRAIN_TIMEOUT_S)
+            finally:
+                await asyncio.sleep(0.2)  # let the streams flush their done events
+                super(DrainingServer, self).handle_exit(sig, frame)
+
+        self.draining = asyncio.get_event_loop().create_task(drain())
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    DrainingServer(config, app.state.hub).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The HTTP front end: jobs with interleaved event streams, the OpenAI-compatible routes, operations.
+
+The app never touches the model: it owns a ``Hub`` that talks to the engine process. Errors are JSON
+``{"error": {"message", "type", "field"}}`` with a 4xx status, the shape OpenAI clients expect too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.client import EngineUnavailable
+from server import errors
+from server.errors import ApiError
+from server.hub import Hub
+from server.jobs import JobRecord
+from server.metrics import Metrics
+from server.openai_api import openai_routes
+from server.schemas import JobRequest
+from server.settings import Settings
+
+log = logging.getLogger("hogwild.server")
+STATIC = Path(__file__).parent / "static"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            too_large = ApiError(413, f"request body over {self.limit} bytes", "too_large")
+            await too_large.response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, f"request body over {self.limit} bytes", "too_large")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    hub = Hub(settings, metrics)
+
+    async def start_engine() -> None:
+        try:
+            await hub.start()
+            log.info("engine ready: %s", hub.info)
+        except Exception as exc:
+            hub.engine_error = f"the engine failed to start: {exc}"
+            log.error(hub.engine_error)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The model may take minutes to load on first start: serve /health meanwhile, /ready says 503.
+        starting = asyncio.create_task(start_engine())
+        yield
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await hub.stop()
+
+    app = FastAPI(title="Hogwild! inference server", version="0.1.0", lifespan=lifespan)
+    app.state.hub = hub
+    app.state.settings = settings
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials=True,
+        )
+
+    errors.install(app)
+
+    # -- operations ---------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if hub.ready:
+            return JSONResponse({"status": "ready", "model": hub.model_name})
+        return JSONResponse({"status": "unavailable", "reason": hub.engine_error}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if hub.ready:
+            with contextlib.suppress(EngineUnavailable, asyncio.TimeoutError):
+                metrics.engine_stats(await asyncio.wait_for(hub.engine().stats(), 5))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> Response:
+        index = STATIC / "index.html"
+        if not index.exists():
+            raise ApiError(404, "the dashboard is not installed", "not_found")
+        return FileResponse(index)
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # -- /v1 ----------------------------------------------------------------------------------------
+
+    def authorize(request: Request) -> None:
+        """Bearer header or the dashboard's cookie; compared in constant time."""
+        if settings.api_key is None:
+            return
+        expected = settings.api_key.get_secret_value().encode()
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get("hogwild_key", "")
+        if not hmac.compare_digest(given.encode(), expected):
+            raise ApiError(401, "missing or wrong API key", "unauthorized", WWW_Authenticate="Bearer")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    def record_of(job_id: str) -> JobRecord:
+        record = hub.store.get(job_id)
+        if record is None:
+            raise ApiError(404, f"no job {job_id!r}", "not_found", "id")
+        return record
+
+    def stream(record: JobRecord, after: int, cancel_on_disconnect: bool) -> EventSourceResponse:
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            try:
+                async for ev in record.follow(after):
+                    yield ServerSentEvent(data=json.dumps(ev.data), event=ev.type, id=str(ev.seq))
+            finally:
+                if cancel_on_disconnect and not record.ended:  # the client went away mid-job
+                    hub.background(hub.cancel(record))
+
+        return EventSourceResponse(
+            events(),
+            ping=settings.keepalive_s,
+            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+            headers={"X-Job-Id": record.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @v1.post("/jobs", status_code=201, response_model=None)
+    async def create_job(body: JobRequest, request: Request) -> Response | dict[str, Any]:
+        record = await hub.submit(body.engine_params(), body.options())
+        wants_stream = body.stream or "text/event-stream" in request.headers.get("accept", "")
+        if wants_stream:
+            return stream(record, -1, cancel_on_disconnect=not body.detach)
+        return JSONResponse(
+            record.to_dict(hub.model_name), status_code=201, headers={"Location": f"/v1/jobs/{record.id}"}
+        )
+
+    @v1.get("/jobs")
+    async def list_jobs(limit: int = 50) -> dict[str, Any]:
+        return {"object": "list", "data": [r.to_dict(hub.model_name) for r in hub.store.recent(limit)]}
+
+    @v1.get("/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return record_of(job_id).to_dict(hub.model_name)
+
+    @v1.delete("/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        record = record_of(job_id)
+        if not record.ended:
+            changed = record.changed
+            await hub.cancel(record)
+            # The engine frees the job at once and its done event follows on the next message.
+            with contextlib.suppress(asyncio.TimeoutError):
+                while not record.ended:
+                    await asyncio.wait_for(changed.wait(), 5)
+                    changed = record.changed
+        return record_of(job_id).to_dict(hub.model_name)
+
+    @v1.get("/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> EventSourceResponse:
+        record = record_of(job_id)
+        last = request.headers.get("last-event-id", "-1")
+        try:
+            after = int(last)
+        except ValueError:
+            raise ApiError(
+                422, "Last-Event-ID must be an integer", "invalid_request_error", "Last-Event-ID"
+            ) from None
+        return stream(record, after, cancel_on_disconnect=False)
+
+    v1.include_router(openai_routes(hub))
+    app.include_router(v1)
+    return app

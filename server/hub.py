@@ -1,0 +1,134 @@
+"""The server's side of the engine: submits jobs, folds the engine's events into job records, and notices
+when the engine goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from engine.client import EngineClient, EngineRefused, EngineUnavailable
+from engine.collab import worker_name
+from server.jobs import JobRecord, JobStore, WorkerState
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+class Hub:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.store = JobStore(settings.retain_jobs)
+        self.client: EngineClient | None = None
+        self.engine_error: str | None = "the engine is starting"
+        self._last_token: dict[tuple[str, int], float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Fire and forget (a cancel from a stream's cleanup), holding the task until it is done."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.client.info if self.client else {}
+
+    @property
+    def model_name(self) -> str:
+        return str(self.info.get("model", "hogwild"))
+
+    @property
+    def ready(self) -> bool:
+        return self.client is not None and self.engine_error is None
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.engine_address:
+            self.client = await EngineClient.connect(
+                s.engine_address, self.on_events, self.on_exit, s.ready_timeout_s
+            )
+        else:
+            self.client = await EngineClient.spawn(
+                s.engine_args(), self.on_events, self.on_exit, s.ready_timeout_s
+            )
+        self.engine_error = None
+        self.metrics.engine_up.set(1)
+
+    async def stop(self) -> None:
+        """Graceful: the engine cancels what is open, so every stream gets its done event."""
+        if self.client is not None:
+            await self.client.close()
+        self.store.fail_open("the server is shutting down")
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def engine(self) -> EngineClient:
+        if self.client is None or self.engine_error is not None:
+            raise EngineUnavailable(self.engine_error or "the engine is not running")
+        return self.client
+
+    async def submit(self, params: dict[str, Any], options: dict[str, Any]) -> JobRecord:
+        """Queue a job. The record exists before the engine is asked, since its first events can arrive
+        in the same read as the reply."""
+        client = self.engine()
+        job_id = f"job-{uuid.uuid4().hex[:16]}"
+        workers = [WorkerState(i, worker_name(i)) for i in range(int(params.get("workers", 2)))]
+        record = JobRecord(job_id, options, workers)
+        self.store.add(record)
+        try:
+            result = await client.submit(job_id, params)
+        except EngineRefused as exc:
+            self.store.remove(job_id)
+            self.metrics.rejected.labels(exc.code).inc()
+            raise
+        except Exception:
+            self.store.remove(job_id)
+            raise
+        record.prompt_tokens = result["prompt_tokens"]
+        return record
+
+    async def cancel(self, record: JobRecord) -> None:
+        if not record.ended:
+            await self.engine().cancel(record.id)
+
+    # -- engine callbacks ---------------------------------------------------------------------------
+
+    def on_events(self, message: dict[str, Any]) -> None:
+        self.metrics.step.observe(message.get("step_s", 0.0))
+        now = time.time()
+        touched: dict[str, JobRecord] = {}
+        for ev in message["events"]:
+            record = self.store.get(ev["job_id"])
+            if record is None:
+                continue
+            sse = record.apply(ev)
+            touched[record.id] = record
+            if sse.type == "token":
+                self._count_token(record, sse.data, now)
+            elif sse.type == "done":
+                self.metrics.jobs.labels(record.finish_reason).inc()
+                for w in record.workers:
+                    self._last_token.pop((record.id, w.index), None)
+        for record in touched.values():
+            record.notify()
+
+    def _count_token(self, record: JobRecord, data: dict[str, Any], now: float) -> None:
+        if data["forced"]:
+            self.metrics.forced.inc()
+            return
+        self.metrics.tokens.inc()
+        key = (record.id, data["worker"])
+        previous = self._last_token.get(key)
+        if previous is not None:
+            self.metrics.itl.observe(now - previous)
+        elif sum(w.generated for w in record.workers) == 1:
+            self.metrics.ttft.observe(now - record.created)
+        self._last_token[key] = now
+
+    def on_exit(self, reason: str) -> None:
+        self.engine_error = reason
+        self.metrics.engine_up.set(0)
+        self.store.fail_open(f"the engine stopped: {reason}")

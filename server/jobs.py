@@ -1,0 +1,186 @@
+"""What the server knows about each job, rebuilt from the engine's events alone.
+
+Every event is kept in order, so a stream can start at any sequence number: a reconnect with
+``Last-Event-ID`` and a replay of an ended job are the same loop. Ended jobs are kept up to a limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+ENDED = ("finished", "cancelled", "failed")
+STATUS_BY_REASON = {"cancelled": "cancelled", "error": "failed"}
+
+
+@dataclass
+class SseEvent:
+    seq: int
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass
+class WorkerState:
+    index: int
+    name: str
+    text: str = ""
+    tokens: int = 0  # every token of its text, forced ones included
+    generated: int = 0  # the tokens it sampled itself
+    step: int = 1
+    finish_reason: str | None = None
+
+
+@dataclass
+class JobRecord:
+    id: str
+    options: dict[str, Any]
+    workers: list[WorkerState]
+    prompt_tokens: int = 0
+    status: str = "queued"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    answer: str | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    first_token: float | None = None
+    finished: float | None = None
+    events: list[SseEvent] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    def apply(self, ev: dict[str, Any]) -> SseEvent:
+        """Fold one engine event into the record and return it as the stream sends it."""
+        kind, data = ev["type"], ev.get("data") or {}
+        if self.status == "queued":
+            self.status = "running"
+        if kind == "token":
+            w = self.workers[ev["worker"]]
+            out = {
+                "worker": w.index,
+                "text": ev["text"],
+                "token_id": ev["token_id"],
+                "index": w.tokens,
+                "step": data.get("step", w.step),
+                "forced": ev["forced"],
+            }
+            w.text += ev["text"]
+            w.tokens += 1
+            if not ev["forced"]:
+                w.generated += 1
+                if self.first_token is None:
+                    self.first_token = time.time()
+        elif kind == "step":
+            w = self.workers[ev["worker"]]
+            out = {"worker": w.index, "step": data["step"], "text": ev["text"]}
+            self.history.append({"worker": w.index, "name": w.name, "step": data["step"], "text": ev["text"]})
+            w.step = data["step"] + 1
+        elif kind == "quick_check":
+            out = {"worker": ev["worker"], "step": data.get("step")}
+        elif kind == "final":
+            self.answer = ev["text"]
+            out = {"answer": ev["text"]}
+        elif kind == "error":
+            self.error = ev["text"]
+            out = {"message": ev["text"]}
+        else:  # done
+            self.finish_reason = data["finish_reason"]
+            self.usage = data.get("usage") or self.usage
+            self.status = STATUS_BY_REASON.get(self.finish_reason or "", "finished")
+            self.finished = time.time()
+            for w in self.workers:
+                w.finish_reason = w.finish_reason or self.finish_reason
+            out = {"finish_reason": self.finish_reason, "usage": self.usage}
+        sse = SseEvent(ev["seq"], kind, out)
+        self.events.append(sse)
+        return sse
+
+    def notify(self) -> None:
+        """Wake every stream waiting on this job; they wait on a fresh event from now on."""
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+
+    async def follow(self, after: int = -1) -> AsyncIterator[SseEvent]:
+        """Events with seq > ``after``, live until the job ends."""
+        index = after + 1
+        while True:
+            changed = self.changed
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.ended:
+                return
+            await changed.wait()
+
+    def usage_so_far(self) -> dict[str, int]:
+        generated = sum(w.generated for w in self.workers)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": generated,
+            "forced_tokens": sum(w.tokens for w in self.workers) - generated,
+            "total_tokens": self.prompt_tokens + generated,
+        }
+
+    def to_dict(self, model: str) -> dict[str, Any]:
+        ttft = self.first_token - self.created if self.first_token else None
+        duration = self.finished - self.created if self.finished else None
+        return {
+            "id": self.id,
+            "object": "job",
+            "status": self.status,
+            "model": model,
+            "options": self.options,
+            "workers": [vars(w).copy() for w in self.workers],
+            "history": list(self.history),
+            "answer": self.answer,
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "usage": self.usage or self.usage_so_far(),
+            "timings": {
+                "created": self.created,
+                "first_token": self.first_token,
+                "finished": self.finished,
+                "ttft_s": ttft,
+                "duration_s": duration,
+            },
+        }
+
+
+class JobStore:
+    def __init__(self, retain: int):
+        self.retain = retain
+        self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
+
+    def add(self, record: JobRecord) -> None:
+        self.jobs[record.id] = record
+        ended = [r.id for r in self.jobs.values() if r.ended]
+        for job_id in ended[: max(0, len(ended) - self.retain)]:
+            del self.jobs[job_id]
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.jobs.get(job_id)
+
+    def remove(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def recent(self, limit: int) -> list[JobRecord]:
+        return list(reversed(self.jobs.values()))[:limit]
+
+    def open(self) -> list[JobRecord]:
+        return [r for r in self.jobs.values() if not r.ended]
+
+    def fail_open(self, message: str) -> None:
+        """The engine is gone: every open job ends with an error and a done, like the engine would."""
+        for record in self.open():
+            seq, usage = len(record.events), record.usage_so_far()
+            record.apply({"type": "error", "seq": seq, "text": message})
+            record.apply({"type": "done", "seq": seq + 1, "data": {"finish_reason": "error", "usage": usage}})
+            record.notify()

@@ -1,0 +1,60 @@
+"""Prometheus metrics. Each app gets its own registry, so several apps (tests) can live in one process.
+
+Latencies are measured where the server sees tokens arrive: time to first token from job creation,
+inter-token latency between a worker's consecutive sampled tokens, and the engine's own step time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.engine_up = Gauge("hogwild_engine_up", "1 while the engine process is alive", registry=r)
+        self.jobs_running = Gauge("hogwild_jobs_running", "jobs being decoded", registry=r)
+        self.jobs_queued = Gauge("hogwild_jobs_queued", "jobs waiting for pages", registry=r)
+        self.pages_total = Gauge("hogwild_pool_pages_total", "pages in the KV pool", registry=r)
+        self.pages_used = Gauge("hogwild_pool_pages_used", "pages holding tokens", registry=r)
+        self.pages_reserved = Gauge(
+            "hogwild_pool_pages_reserved", "pages held or reserved by admitted jobs", registry=r
+        )
+        self.steps_per_second = Gauge("hogwild_engine_steps_per_second", "recent decode steps/s", registry=r)
+        self.jobs = Counter("hogwild_jobs", "jobs ended, by finish reason", ["finish_reason"], registry=r)
+        self.rejected = Counter(
+            "hogwild_jobs_rejected", "submissions refused, by reason", ["reason"], registry=r
+        )
+        self.tokens = Counter("hogwild_tokens_generated", "tokens sampled by workers", registry=r)
+        self.forced = Counter("hogwild_tokens_forced", "tokens written for workers", registry=r)
+        self.ttft = Histogram(
+            "hogwild_time_to_first_token_seconds",
+            "job creation to first sampled token",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.itl = Histogram(
+            "hogwild_inter_token_latency_seconds",
+            "gap between a worker's sampled tokens",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.step = Histogram(
+            "hogwild_step_latency_seconds", "one engine decode step", registry=r, buckets=LATENCY_BUCKETS
+        )
+
+    def engine_stats(self, stats: dict[str, Any]) -> None:
+        self.jobs_running.set(stats["running"])
+        self.jobs_queued.set(stats["queued"])
+        self.pages_total.set(stats["total_pages"])
+        self.pages_used.set(stats["used_pages"])
+        self.pages_reserved.set(stats["total_pages"] - stats["free_pages"])
+        self.steps_per_second.set(stats["steps_per_second"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

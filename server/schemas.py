@@ -1,0 +1,98 @@
+"""Request bodies. Types and shapes are checked here (422 naming the field); ranges that depend on the
+engine's limits (workers, max_tokens, prompt length) are checked by the engine, which names the field too."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class HogwildOptions(BaseModel):
+    """How the workers collaborate and sample: shared by the jobs API and the OpenAI route."""
+
+    workers: int = 2
+    layout: str = "combined"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    quick_check_every: int = 1024
+    finisher: bool = True
+
+    def sampling_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in HogwildOptions.model_fields}
+
+
+class JobRequest(HogwildOptions):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    max_tokens: int = 512
+    stream: bool = False
+    detach: bool = False
+
+    @model_validator(mode="after")
+    def one_prompt(self) -> JobRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def engine_params(self) -> dict[str, Any]:
+        prompt: Any = self.prompt if self.messages is None else [m.model_dump() for m in self.messages]
+        return {"prompt": prompt, "max_tokens": self.max_tokens, **self.sampling_params()}
+
+    def options(self) -> dict[str, Any]:
+        """What the job object shows of its request."""
+        return {"max_tokens": self.max_tokens, **self.sampling_params()}
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(HogwildOptions):
+    """OpenAI's chat completion body; unknown OpenAI parameters are ignored, Hogwild's ride along
+    (``extra_body`` in the openai package). Sampling defaults follow OpenAI (temperature 1)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = 1.0
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def engine_params(self, default_max_tokens: int) -> dict[str, Any]:
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return {
+            "prompt": [m.plain() for m in self.messages],
+            "max_tokens": max_tokens,
+            **self.sampling_params(),
+        }
