@@ -1,0 +1,290 @@
+"""The HTTP server as users meet it: a real process, real HTTP (httpx and the official openai package)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from engine.engine import EngineOptions
+from server.settings import Settings
+from tests.server_process import API_KEY, ServerProcess, running_server
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WAIT_S = 120.0  # hang guard for a job or a state change; never a speed requirement
+
+
+def api(server: ServerProcess) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers=AUTH, timeout=60)
+
+
+@pytest.fixture
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with api(server) as client:
+        yield client
+
+
+def sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """Parse an event stream into {id, event, data} records (comments dropped)."""
+    record: dict[str, Any] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "data" in record:
+                yield record
+            record = {}
+        elif line.startswith(":"):
+            continue
+        else:
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            record[key] = json.loads(value) if key == "data" and value.startswith(("{", "[")) else value
+
+
+def events_of(http: httpx.Client, job_id: str, last: int | None = None) -> list[dict[str, Any]]:
+    headers = {"Last-Event-ID": str(last)} if last is not None else {}
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+        assert r.status_code == 200
+        return list(sse(r))
+
+
+def wait_for(http: httpx.Client, job_id: str, statuses: tuple[str, ...]) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached {statuses}")
+
+
+def submit(http: httpx.Client, **body: Any) -> dict[str, Any]:
+    r = http.post("/v1/jobs", json={"prompt": "What is 6 * 7?", **body})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def test_operations_endpoints(server: ServerProcess) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/ready").json()
+    assert ready["status"] == "ready" and ready["model"]
+    models = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()
+    assert models["data"][0]["id"] == ready["model"]
+
+
+def test_a_job_streams_events_that_rebuild_its_state(http: httpx.Client) -> None:
+    r = http.post("/v1/jobs", json={"prompt": "What is 6 * 7?", "workers": 3, "max_tokens": 24, "seed": 3})
+    assert r.status_code == 201 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    job = r.json()
+    assert [w["name"] for w in job["workers"]] == ["Alice", "Bob", "Carol"]
+    events = events_of(http, job["id"])
+    assert [int(e["id"]) for e in events] == list(range(len(events)))
+    assert events[-1]["event"] == "done" and sum(e["event"] == "done" for e in events) == 1
+    final = http.get(f"/v1/jobs/{job['id']}").json()
+    assert final["status"] == "finished"
+    texts = ["", "", ""]
+    counts = [0, 0, 0]
+    for e in events:
+        if e["event"] == "token":
+            d = e["data"]
+            assert d["index"] == counts[d["worker"]]  # per-worker token index without gaps
+            counts[d["worker"]] += 1
+            texts[d["worker"]] += d["text"]
+            assert set(d) == {"worker", "text", "token_id", "index", "step", "forced"}
+    assert texts == [w["text"] for w in final["workers"]]
+    assert counts == [w["tokens"] for w in final["workers"]]
+    steps = [e["data"] for e in events if e["event"] == "step"]
+    assert [(s["worker"], s["step"], s["text"]) for s in steps] == [
+        (h["worker"], h["step"], h["text"]) for h in final["history"]
+    ]
+    done = events[-1]["data"]
+    assert done["finish_reason"] == final["finish_reason"]
+    assert done["usage"] == final["usage"] and done["usage"]["completion_tokens"] > 0
+    assert final["timings"]["ttft_s"] > 0 and final["timings"]["duration_s"] >= final["timings"]["ttft_s"]
+
+
+def test_last_event_id_resumes_exactly_and_ended_jobs_replay(http: httpx.Client) -> None:
+    job = submit(http, max_tokens=16)
+    full = events_of(http, job["id"])  # opened live, ends with the job
+    assert len(full) > 10
+    cut = len(full) // 2
+    rest = events_of(http, job["id"], last=cut - 1)
+    assert rest == full[cut:]
+    assert events_of(http, job["id"]) == full  # a replay of the ended job, then the stream closes
+    assert events_of(http, job["id"], last=len(full) - 1) == []
+
+
+def test_post_with_stream_answers_with_the_stream(http: httpx.Client) -> None:
+    body = {"prompt": "Hi", "max_tokens": 8}
+    with http.stream("POST", "/v1/jobs", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        job_id = r.headers["x-job-id"]
+        events = list(sse(r))
+    assert events[-1]["event"] == "done"
+    with http.stream("POST", "/v1/jobs", json=body, headers={"Accept": "text/event-stream"}) as r:
+        assert [e["event"] for e in sse(r)][-1] == "done"
+    assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "finished"
+
+
+def test_a_streaming_client_that_hangs_up_cancels_its_job_unless_detached(http: httpx.Client) -> None:
+    ids = {}
+    for detach in (False, True):
+        body = {"prompt": "Count slowly.", "max_tokens": 1000, "stream": True, "detach": detach}
+        with http.stream("POST", "/v1/jobs", json=body) as r:
+            ids[detach] = r.headers["x-job-id"]
+            next(sse(r))  # hang up after the first event
+    cancelled = wait_for(http, ids[False], ("cancelled",))
+    assert cancelled["finish_reason"] == "cancelled"
+    assert http.get(f"/v1/jobs/{ids[True]}").json()["status"] in ("queued", "running")
+    deleted = http.delete(f"/v1/jobs/{ids[True]}")
+    assert deleted.status_code == 200 and deleted.json()["status"] == "cancelled"
+    assert events_of(http, ids[True])[-1]["data"]["finish_reason"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"workers": "many"}, 422, "workers"),
+        ({"workers": 99}, 422, "workers"),
+        ({"layout": "spiral"}, 422, "layout"),
+        ({"top_p": 0}, 422, "top_p"),
+        ({"colour": "red"}, 422, "colour"),
+        ({"prompt": None}, 422, None),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 422, None),  # prompt and messages both
+        ({"messages": [{"role": "robot", "content": "hi"}], "prompt": None}, 422, "messages.0.role"),
+        ({"prompt": "long " * 3000, "workers": 4, "max_tokens": 500}, 413, "prompt"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_field(
+    http: httpx.Client, body: dict[str, Any], status: int, field: str | None
+) -> None:
+    r = http.post("/v1/jobs", json={"prompt": "q", **body})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["field"] == field and error["message"]
+
+
+def test_malformed_requests(http: httpx.Client, server: ServerProcess) -> None:
+    r = http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = http.post("/v1/jobs", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert http.get("/v1/jobs/job-nope").status_code == 404
+    assert http.delete("/v1/jobs/job-nope").status_code == 404
+    assert http.get("/v1/jobs/job-nope/events").status_code == 404
+    assert httpx.get(f"{server.url}/v1/jobs").status_code == 401  # no key
+    assert httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server.url}/v1/jobs", cookies={"hogwild_key": API_KEY}).status_code == 200
+
+
+def test_jobs_list_and_metrics(http: httpx.Client, server: ServerProcess) -> None:
+    job = submit(http, max_tokens=8)
+    wait_for(http, job["id"], ("finished",))
+    listed = http.get("/v1/jobs").json()["data"]
+    assert listed[0]["id"] == job["id"]
+    text = httpx.get(f"{server.url}/metrics").text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["hogwild_tokens_generated_total"] > 0
+    assert values["hogwild_time_to_first_token_seconds_count"] > 0
+    assert values["hogwild_inter_token_latency_seconds_count"] > 0
+    assert values["hogwild_step_latency_seconds_count"] > 0
+    assert values["hogwild_engine_up"] == 1
+    assert values["hogwild_pool_pages_total"] > 0
+    assert values['hogwild_jobs_total{finish_reason="length"}'] >= 1
+
+
+def test_the_official_openai_client_works_unchanged(server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"workers": 3, "layout": "interleaved"},
+    )
+    choice = reply.choices[0]
+    extra = choice.message.model_extra or {}
+    assert all(f"[{name}]" in extra["reasoning_content"] for name in ("Alice", "Bob", "Carol"))
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"workers": 2},
+    )
+    chunks = list(stream)
+    workers = {(c.choices[0].delta.model_extra or {}).get("worker_name") for c in chunks if c.choices}
+    assert {"Alice", "Bob"} <= workers
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir: Path, tmp_path: Path) -> None:
+    flags = ("--max-running-jobs", "1", "--max-queued-jobs", "1")
+    with running_server(tiny_model_dir, tmp_path, *flags) as server, api(server) as http:
+        body = {"prompt": "Count.", "max_tokens": 1000, "quick_check_every": 0}
+        statuses = [http.post("/v1/jobs", json=body) for _ in range(3)]
+        full = statuses[-1]
+        assert full.status_code == 429, full.text
+        assert int(full.headers["retry-after"]) > 0
+        assert "queue is full" in full.json()["error"]["message"]
+
+
+def test_engine_death_is_reported_and_open_streams_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with running_server(tiny_model_dir, tmp_path) as server, api(server) as http:
+        job = submit(http, max_tokens=1000)
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+            stream = sse(r)
+            next(stream)
+            os.kill(server.engine_pid(), signal.SIGKILL)
+            rest = list(stream)
+        assert [e["event"] for e in rest[-2:]] == ["error", "done"]
+        assert "SIGKILL" in rest[-2]["data"]["message"]
+        assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "failed"
+        ready = httpx.get(f"{server.url}/ready")
+        assert ready.status_code == 503 and "SIGKILL" in ready.json()["reason"]
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        refused = http.post("/v1/jobs", json={"prompt": "q"})
+        assert refused.status_code == 503
+
+
+def test_sigterm_ends_open_streams_with_done_and_exits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    body = {"prompt": "Count.", "max_tokens": 1000, "stream": True}
+    with running_server(tiny_model_dir, tmp_path) as server:
+        with api(server) as http, http.stream("POST", "/v1/jobs", json=body) as r:
+            stream = sse(r)
+            next(stream)
+            server.process.send_signal(signal.SIGTERM)
+            rest = list(stream)
+        assert rest[-1]["event"] == "done" and rest[-1]["data"]["finish_reason"] == "cancelled"
+        # uvicorn re-raises the signal it caught once it has shut down, so the exit reads as SIGTERM.
+        assert server.process.wait(timeout=WAIT_S) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in server.log.read_text()
+
+
+def test_every_engine_option_is_a_server_setting() -> None:
+    names = {f.name for f in dataclasses.fields(EngineOptions)}
+    assert names <= set(Settings.model_fields)
+    args = Settings(max_workers=4, attention="reference").engine_args()
+    assert args[args.index("--max-workers") + 1] == "4"
+    assert args[args.index("--attention") + 1] == "reference"
