@@ -1,10 +1,12 @@
 # Two commands on a fresh machine: `make run` (set up, serve the default model) and `make test`.
 PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean test-container
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +20,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# Fetches and converts the embedded default model on first use, then serves it with the dashboard at /.
 run: setup
-	$(BIN)/python -m engine "What is 17 * 23? Think step by step." --workers 2
+	$(BIN)/python -m engine.loader
+	$(BIN)/python -m server --host $(HOST) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m engine.loader
@@ -28,7 +32,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine tests bench
+	$(BIN)/mypy engine server clients tests bench
+
+# Builds the CPU image with podman and checks /health and one job over HTTP (docker/test-container.sh).
+test-container:
+	docker/test-container.sh
 
 bench: setup
 	$(BIN)/python -m bench engine
