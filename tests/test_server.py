@@ -239,15 +239,22 @@ def test_the_official_openai_client_works_unchanged(server: ServerProcess) -> No
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
 
 
-def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir: Path, tmp_path: Path) -> None:
-    flags = ("--max-running-jobs", "1", "--max-queued-jobs", "1")
+def test_a_full_queue_answers_429_and_waiting_streams_keep_alive(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    flags = ("--max-running-jobs", "1", "--max-queued-jobs", "1", "--keepalive-s", "0.2")
     with running_server(tiny_model_dir, tmp_path, *flags) as server, api(server) as http:
         body = {"prompt": "Count.", "max_tokens": 1000, "quick_check_every": 0}
-        statuses = [http.post("/v1/jobs", json=body) for _ in range(3)]
-        full = statuses[-1]
+        running, queued, full = (http.post("/v1/jobs", json=body) for _ in range(3))
         assert full.status_code == 429, full.text
         assert int(full.headers["retry-after"]) > 0
         assert "queue is full" in full.json()["error"]["message"]
+        # The queued job says nothing until the running one ends: its stream carries keep-alive comments.
+        with http.stream("GET", f"/v1/jobs/{queued.json()['id']}/events") as r:
+            first = next(line for line in r.iter_lines() if line)
+        assert first == ": keep-alive"
+        for job in (running, queued):
+            assert http.delete(f"/v1/jobs/{job.json()['id']}").json()["status"] == "cancelled"
 
 
 def test_engine_death_is_reported_and_open_streams_end(tiny_model_dir: Path, tmp_path: Path) -> None:
