@@ -1,23 +1,30 @@
-"""``python -m bench engine [...]``: see bench/engine_bench.py."""
+"""``python -m bench {engine,jobs,attention,serve} [...]``: each prints a table, writes JSON under
+bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a subcommand lists its flags."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 
-from bench import engine_bench
+from bench import attention_bench, engine_bench, jobs_bench, serve_bench
+
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "engine": (engine_bench, "Hogwild decode vs transformers generate and vs independent jobs"),
+    "jobs": (jobs_bench, "concurrent Hogwild jobs in one engine (continuous batching)"),
+    "attention": (attention_bench, "the Hogwild attention op alone vs plain decode attention"),
+    "serve": (serve_bench, "load against a running server over HTTP"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    engine_bench.add_arguments(
-        sub.add_parser("engine", help="engine decode throughput vs transformers generate")
-    )
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
     args = parser.parse_args(argv)
-    if args.command == "engine":
-        return engine_bench.main(args)
-    return 2
+    module, _ = COMMANDS[args.command]
+    return int(module.main(args))
 
 
 if __name__ == "__main__":

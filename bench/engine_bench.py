@@ -1,64 +1,58 @@
-"""Decode throughput of the Hogwild! engine against transformers ``generate`` on the same model and prompt.
+"""Decode throughput of the Hogwild! engine, with N workers on one problem, against transformers ``generate``
+on the same model, prompt and length, and against the engine running the same N sequences as N
+independent one-worker jobs; at several prompt lengths.
 
-What is measured (both sides are greedy, EOS is suppressed so every sequence writes exactly T tokens):
+What is measured (everything greedy; EOS is suppressed so every sequence writes exactly T tokens):
 
-- ``generate (1 seq)``: ``hf_model.generate(ids, max_new_tokens=T, min_new_tokens=T, do_sample=False)``.
-  A StoppingCriteria stamps the time after every new token; the first stamp comes after the prefill and
-  the first token, so decode = last stamp - first stamp over T - 1 tokens, step latency = decode / (T - 1).
-- ``hogwild N workers``: one combined-layout job, greedy, ``max_tokens=T``, no finisher, no quick check.
-  ``eng.step()`` runs until the job's prefill is done (status "running"); then every step is stamped. The
-  first decode step writes the forced openers (a few tokens per worker) and samples each worker's first
-  token, so, as for ``generate``, decode = last stamp - first stamp, tokens = generated tokens after the
-  first step, step latency = decode / steps. The figure including the first decode step is in the JSON too.
+- ``generate``: ``hf_model.generate(ids, max_new_tokens=T, min_new_tokens=T, do_sample=False)`` on the
+  one-worker job's exact prompt. A StoppingCriteria stamps the time after every new token; the first stamp
+  comes after the prefill and the first token, so decode = last stamp - first stamp over T - 1 tokens and
+  step latency = decode / (T - 1).
+- ``hogwild N``: one combined-layout job of N workers, no finisher, no quick check.
+- ``independent N``: N one-worker jobs of the same prompt in one engine (continuous batching).
 
-Both use one transformers load (``Engine.from_hf``); torch's thread count is left at its default.
+For the engine rows (default scheduling: prompts are prefilled in chunks, so some sequences may start
+decoding before others), ``eng.step()`` runs until every sequence decodes; then T steps are stamped and the
+jobs are cancelled. The first of these steps writes the forced openers of the last job to start and samples
+its first token, so, as for ``generate``, decode = last stamp - first stamp over T - 1 steps, tokens = tokens
+generated in them, step latency = decode / (T - 1). The figure including the first step is in the JSON too.
+Each job may write T plus a head start of tokens, so that none ends inside the window.
+
+The weight-read floor is the time one step needs to read every weight once at the measured memory
+bandwidth (a device-to-device copy): no decode step of a batch this small can be faster.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import io
-import json
-import os
-import platform
 import pstats
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-PASSAGES = [
-    "A regional rail company runs trains between five towns, Ashford, Brill, Caxton, Dunmore and Elston, "
-    "which lie in that order along a single line. The track between neighbouring towns is 12, 18, 9 and 21 "
-    "kilometres long. Passenger trains run at 60 kilometres per hour and stop for two minutes in every town; "
-    "freight trains run at 40 kilometres per hour and never stop, but they must wait in a siding whenever a "
-    "passenger train needs the same stretch of track.",
-    "Each morning the first passenger train leaves Ashford at 6:00 and the first freight train leaves Elston "
-    "at 6:10, heading the other way. Sidings exist only in Brill and Dunmore. The timetable planners want to "
-    "know where the two trains meet, how long the freight train waits, and whether moving the freight "
-    "departure by a few minutes would let both trains pass without anyone waiting at all.",
-    "The company also sells weekly passes. A pass costs 34 pounds and covers unlimited travel between any "
-    "two towns, while a single ticket costs 1.50 pounds plus 0.20 pounds per kilometre. Commuters who travel "
-    "twice a day, five days a week, keep asking from which distance on the pass becomes the cheaper choice.",
-]
-QUESTION = (
-    "Question: where and at what time do the first passenger train and the first freight train meet, and how "
-    "many minutes does the freight train wait? Give the final answer in \\boxed{}."
-)
+from bench import common, models
+from engine import EngineOptions
+
+# (decode seconds, decode tokens, decode steps, seconds and tokens including the first decode step)
+Run = tuple[float, int, int, float | None, int | None]
 
 
 @dataclass
 class Figure:
     name: str
+    kind: str  # generate | hogwild | independent
+    context: int  # requested prompt length (tokens of text before instructions and chat template)
+    prompt_tokens: int  # the actual prompt of each sequence
+    sequences: int  # workers of the one job, or independent jobs
     tokens_per_s: float
     step_ms: float
     tokens: int  # generated tokens in the timed decode window (median run)
     steps: int
     seconds: float
+    floor_ms: float  # weight-read floor of one step
     tokens_per_s_incl_first_step: float | None = None
     runs: list[float] | None = None  # tokens/s of every repeat
     speedup_vs_generate: float | None = None
@@ -66,50 +60,28 @@ class Figure:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--tokens", type=int, default=64, help="generated tokens per sequence / worker")
-    p.add_argument("--prompt-tokens", type=int, default=256, help="tokens of real text in the user prompt")
-    p.add_argument("--repeats", type=int, default=1, help="runs per row; the median is reported")
+    models.add_model_arguments(p)
+    common.add_output_arguments(p)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument(
-        "--out", type=Path, default=None, help="JSON output (default bench/results/engine_cpu.json)"
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        "--contexts",
+        type=int,
+        nargs="+",
         default=None,
-        help="for both generate and the engine (default: float32 on CPU, bfloat16 on GPU)",
+        help="prompt lengths in tokens of text (default: 256 2048 on the CPU, 256 2048 8192 on a GPU)",
     )
-    p.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the embedded model)")
+    p.add_argument("--tokens", type=int, default=32, help="generated tokens per sequence / worker")
+    p.add_argument("--repeats", type=int, default=1, help="runs per row; the median is reported")
+    p.add_argument("--attention", default=EngineOptions.attention, help="the engine's attention backend")
+    p.add_argument("--no-generate", action="store_true", help="skip transformers generate")
+    p.add_argument("--no-independent", action="store_true", help="skip the independent-jobs rows")
     p.add_argument(
         "--profile",
         type=int,
         default=0,
         metavar="STEPS",
-        help="also profile STEPS decode steps of a job with the most workers",
+        help="also profile STEPS decode steps of a job with the most workers at the longest context",
     )
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
-
-
-def make_prompt(tokenizer: Any, n_tokens: int) -> str:
-    """Real text of about ``n_tokens`` tokens: passages cycled and cut to fit, then the question."""
-    budget = max(n_tokens - len(tokenizer.encode(QUESTION, add_special_tokens=False)), 0)
-    text, i = "", 0
-    while len(tokenizer.encode(text, add_special_tokens=False)) < budget:
-        text += PASSAGES[i % len(PASSAGES)] + "\n\n"
-        i += 1
-    context = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:budget]).strip()
-    return f"{context}\n\n{QUESTION}" if context else QUESTION
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-# (decode seconds, decode tokens, decode steps, seconds and tokens including the first decode step)
-Run = tuple[float, int, int, float | None, int | None]
 
 
 def bench_generate(hf_model: Any, ids: list[int], tokens: int) -> Run:
@@ -121,10 +93,11 @@ def bench_generate(hf_model: Any, ids: list[int], tokens: int) -> Run:
 
     class Clock(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            stamps.append(_now(device))
+            stamps.append(common.now(device))
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     input_ids = torch.tensor([ids], device=device)
+    eos = hf_model.generation_config.eos_token_id
     with torch.inference_mode():
         out = hf_model.generate(
             input_ids,
@@ -132,7 +105,7 @@ def bench_generate(hf_model: Any, ids: list[int], tokens: int) -> Run:
             max_new_tokens=tokens,
             min_new_tokens=tokens,
             do_sample=False,
-            pad_token_id=hf_model.generation_config.eos_token_id,
+            pad_token_id=eos if eos is not None else 0,
             stopping_criteria=StoppingCriteriaList([Clock()]),
         )
     assert out.shape[1] - input_ids.shape[1] == tokens == len(stamps)
@@ -152,61 +125,65 @@ def submit(eng: Any, prompt: str, workers: int, tokens: int) -> Any:
     )
 
 
-def run_prefill(eng: Any, job: Any) -> None:
-    while job.status != "running" and not job.ended:
+def run_prefill(eng: Any, jobs: list[Any]) -> None:
+    """Step until every job decodes; a job still queued after its first step means the pool is too small."""
+    eng.step()
+    if any(job.status == "queued" for job in jobs):
+        raise RuntimeError("the KV pool cannot hold all sequences at once; raise kv_tokens")
+    while any(job.status == "prefill" for job in jobs):
         eng.step()
+    failed = [job for job in jobs if job.ended]
+    if failed:
+        raise RuntimeError(f"job ended during prefill: {failed[0].status} {failed[0].error}")
 
 
-def bench_engine(eng: Any, prompt: str, workers: int, tokens: int) -> Run:
-    """(decode s, tokens, steps) after the first decode step, then (s, tokens) including it."""
-    job = submit(eng, prompt, workers, tokens)
-    run_prefill(eng, job)
-    if job.ended:
-        raise RuntimeError(f"job ended during prefill: {job.status} {job.error}")
-    start = _now(eng.device)
+def head_start(prompt_tokens: int, jobs: int, prefill_chunk: int) -> int:
+    """Decode steps the first of ``jobs`` jobs may take while the others prefill: a prompt takes one step
+    per chunk, plus one per static header block."""
+    return jobs * (-(-prompt_tokens // prefill_chunk) + 8)
+
+
+def bench_jobs(eng: Any, prompt: str, workers: int, jobs: int, tokens: int) -> Run:
+    """``jobs`` jobs of ``workers`` workers each: ``tokens`` steps once every sequence decodes, timed as
+    (decode s, tokens, steps) after the first of them, then (s, tokens) including it; then cancelled."""
+    extra = head_start(len(eng.prompt_ids(prompt, workers)), jobs, eng.options.prefill_chunk)
+    batch = [submit(eng, prompt, workers, tokens + extra) for _ in range(jobs)]
+    run_prefill(eng, batch)
+
+    def generated() -> int:
+        return sum(w.generated for job in batch for w in job.workers)
+
+    start, before = common.now(eng.device), generated()
     stamps: list[float] = []
     counts: list[int] = []
-    while not job.ended:
+    for _ in range(tokens):
         eng.step()
-        stamps.append(_now(eng.device))
-        counts.append(sum(w.generated for w in job.workers))
-    if job.status != "finished":
-        raise RuntimeError(f"job {job.status}: {job.error}")
-    return stamps[-1] - stamps[0], counts[-1] - counts[0], len(stamps) - 1, stamps[-1] - start, counts[-1]
+        stamps.append(common.now(eng.device))
+        counts.append(generated())
+    ended = [job for job in batch if job.ended]
+    for job in batch:
+        eng.cancel(job.id)
+    if ended:  # fewer sequences for part of the window: the figure would not mean what it says
+        raise RuntimeError(f"a job ended inside the timed window: {ended[0].finish_reason} {ended[0].error}")
+    return stamps[-1] - stamps[0], counts[-1] - counts[0], tokens - 1, stamps[-1] - start, counts[-1] - before
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _median_figure(name: str, runs: list[Run]) -> Figure:
+def median_figure(runs: list[Run], floor_ms: float, **fields: Any) -> Figure:
     """Figure of the run with the median tokens/s (the lower middle one for an even count)."""
     rates = [tok / s for s, tok, *_ in runs]
     s, tok, steps, s_all, tok_all = sorted(runs, key=lambda r: r[1] / r[0])[(len(runs) - 1) // 2]
     incl = tok_all / s_all if s_all and tok_all else None
-    return Figure(name, tok / s, 1000 * s / steps, tok, steps, s, incl, rates)
+    return Figure(
+        tokens_per_s=tok / s,
+        step_ms=1000 * s / steps,
+        tokens=tok,
+        steps=steps,
+        seconds=s,
+        floor_ms=floor_ms,
+        tokens_per_s_incl_first_step=incl,
+        runs=rates,
+        **fields,
+    )
 
 
 def profile(eng: Any, prompt: str, workers: int, steps: int) -> str:
@@ -217,7 +194,7 @@ def profile(eng: Any, prompt: str, workers: int, steps: int) -> str:
     report = []
     for tool in ("torch", "cprofile"):
         job = submit(eng, prompt, workers, steps + 8)
-        run_prefill(eng, job)
+        run_prefill(eng, [job])
         eng.step()  # the openers' step
         if tool == "torch":
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.device.type == "cuda" else [])
@@ -235,85 +212,183 @@ def profile(eng: Any, prompt: str, workers: int, steps: int) -> str:
             buf = io.StringIO()
             pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(10)
             report.append(buf.getvalue())
-        while not job.ended:
-            eng.step()
+        eng.cancel(job.id)
     return "\n".join(report)
 
 
+def plot(figures: list[Figure], path: Any) -> None:
+    """Tokens/s against workers (per context) and against context (per worker count); step ms vs floor."""
+    contexts = sorted({f.context for f in figures})
+    workers = sorted({f.sequences for f in figures if f.kind == "hogwild"})
+    colors = {c: f"C{i}" for i, c in enumerate(contexts)}
+
+    def series(kind: str, context: int) -> tuple[list[int], list[float], list[float]]:
+        rows = sorted(
+            (f for f in figures if f.kind == kind and f.context == context), key=lambda f: f.sequences
+        )
+        return [f.sequences for f in rows], [f.tokens_per_s for f in rows], [f.step_ms for f in rows]
+
+    def draw(axes: Any) -> None:
+        by_workers, by_context, steps = axes
+        for c in contexts:
+            n, rate, ms = series("hogwild", c)
+            by_workers.plot(n, rate, "o-", color=colors[c], label=f"hogwild, {c} tok prompt")
+            steps.plot(n, ms, "o-", color=colors[c], label=f"hogwild, {c} tok prompt")
+            ni, rate_i, ms_i = series("independent", c)
+            if ni:
+                by_workers.plot(ni, rate_i, "s--", color=colors[c], label=f"independent jobs, {c}")
+                steps.plot(ni, ms_i, "s--", color=colors[c], label=f"independent, {c}")
+            _, gen, _ = series("generate", c)
+            if gen:
+                by_workers.axhline(gen[0], color=colors[c], ls=":", lw=1, label=f"generate, {c}")
+        for i, w in enumerate(workers):
+            rows = sorted(
+                (f for f in figures if f.kind == "hogwild" and f.sequences == w), key=lambda f: f.context
+            )
+            by_context.plot(
+                [f.context for f in rows],
+                [f.tokens_per_s for f in rows],
+                "o-",
+                color=f"C{i}",
+                label=f"hogwild {w} worker{'s' if w > 1 else ''}",
+            )
+        gen_rows = sorted((f for f in figures if f.kind == "generate"), key=lambda f: f.context)
+        if gen_rows:
+            by_context.plot(
+                [f.context for f in gen_rows],
+                [f.tokens_per_s for f in gen_rows],
+                "k:x",
+                label="transformers generate",
+            )
+        steps.axhline(figures[0].floor_ms, color="k", ls="--", lw=1, label="weight-read floor")
+        for ax in (by_workers, steps):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(workers, [str(w) for w in workers])
+            ax.set_xlabel("workers (or independent jobs)")
+        by_workers.set_ylabel("generated tokens/s (all sequences)")
+        by_context.set_xscale("log", base=2)
+        by_context.set_xticks(contexts, [str(c) for c in contexts])
+        by_context.set_xlabel("prompt tokens (text)")
+        by_context.set_ylabel("generated tokens/s (all sequences)")
+        steps.set_ylabel("decode step ms")
+        by_workers.set_title("throughput vs workers")
+        by_context.set_title("throughput vs context")
+        steps.set_title("step latency")
+
+    common.save_plot(draw, path, panels=3)
+
+
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
     from transformers.utils import logging as hf_logging
 
-    from engine import Engine
-    from engine.loader import load_hf
-
-    if args.quick:
-        args.tokens, args.prompt_tokens, args.repeats = min(args.tokens, 4), min(args.prompt_tokens, 32), 1
-        args.workers = [w for w in args.workers if w <= 2] or [1]
-    out: Path = args.out or Path("bench/results") / ("engine_quick.json" if args.quick else "engine_cpu.json")
     if args.tokens < 2:
         raise SystemExit("--tokens must be >= 2 (the first token is not timed)")
     hf_logging.set_verbosity_error()
-    console = Console(width=max(Console().width, 110))
-    device = torch.device(args.device)
-    default = torch.float32 if device.type == "cpu" else torch.bfloat16
-    dtype = getattr(torch, args.dtype) if args.dtype else default
-    hf_model, tokenizer = load_hf(args.model, dtype)
-    hf_model = hf_model.to(device).eval()
-    eng = Engine.from_hf(hf_model, tokenizer, device=device)
-    prompt = make_prompt(tokenizer, args.prompt_tokens)
-    ids = eng.prompt_ids(prompt, 1)  # the 1-worker job's exact prompt (instructions + text, chat template)
+    device, dtype = models.device_and_dtype(args)
+    contexts = args.contexts or ([256, 2048] if device.type == "cpu" else [256, 2048, 8192])
+    loaded = models.load(args, materialize=not args.no_generate)
+    tokenizer = loaded.tokenizer
+    prompts = {c: common.make_prompt(c, tokenizer) for c in contexts}
+    widest = max(args.workers)
+    longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts.values())
+    # Room for the widest batch of jobs at the longest prompt (instructions and head start included).
+    extra = head_start(longest + 1024, widest, EngineOptions.prefill_chunk)
+    eng = loaded.engine(
+        device,
+        kv_tokens=widest * (longest + 1024 + 2 * (args.tokens + extra)),
+        attention=args.attention,
+        max_workers=max(widest, EngineOptions.max_workers),
+    )
+    weights = models.weight_bytes(eng.model)
+    bandwidth = common.measure_bandwidth(device)
+    floor_ms = 1000 * weights / bandwidth
+    common.log(f"{loaded.label}: {weights / 1e9:.2f} GB of weights at {bandwidth / 1e9:.1f} GB/s")
 
-    console.print(f"[dim]warm-up ({len(ids)} prompt tokens) ...[/dim]")
-    bench_generate(hf_model, ids, 4)
-    bench_engine(eng, prompt, max(args.workers), 4)
+    common.log("warm-up ...")
+    if not args.no_generate:
+        bench_generate(loaded.hf, eng.prompt_ids(prompts[contexts[0]], 1), 4)
+    bench_jobs(eng, prompts[contexts[0]], widest, 1, 4)
 
-    runs = [bench_generate(hf_model, ids, args.tokens) for _ in range(args.repeats)]
-    figures = [_median_figure("generate (1 seq)", runs)]
-    for n in args.workers:
-        runs = [bench_engine(eng, prompt, n, args.tokens) for _ in range(args.repeats)]
-        figures.append(_median_figure(f"hogwild {n} worker{'s' if n > 1 else ''}", runs))
-        console.print(f"[dim]{figures[-1].name}: {figures[-1].tokens_per_s:.1f} tok/s[/dim]")
-    base = figures[0].tokens_per_s
-    one = next((f.tokens_per_s for f in figures if f.name == "hogwild 1 worker"), None)
+    figures: list[Figure] = []
+    for c in contexts:
+        prompt = prompts[c]
+        one = eng.prompt_ids(prompt, 1)  # the one-worker job's exact prompt (chat template included)
+        row: dict[str, Any] = dict(context=c, floor_ms=floor_ms)
+        if not args.no_generate:
+            runs = [bench_generate(loaded.hf, one, args.tokens) for _ in range(args.repeats)]
+            figures.append(
+                median_figure(
+                    runs, name="generate", kind="generate", prompt_tokens=len(one), sequences=1, **row
+                )
+            )
+        for n in args.workers:
+            kinds = [("hogwild", n, 1)] + (
+                [("independent", 1, n)] if n > 1 and not args.no_independent else []
+            )
+            for kind, workers, jobs in kinds:
+                runs = [bench_jobs(eng, prompt, workers, jobs, args.tokens) for _ in range(args.repeats)]
+                ids = len(eng.prompt_ids(prompt, workers))
+                name = f"{kind} {n}"
+                figures.append(
+                    median_figure(runs, name=name, kind=kind, prompt_tokens=ids, sequences=n, **row)
+                )
+                common.log(f"{c} tokens, {name}: {figures[-1].tokens_per_s:.1f} tok/s")
     for f in figures:
-        f.speedup_vs_generate = f.tokens_per_s / base
-        f.speedup_vs_1_worker = f.tokens_per_s / one if one else None
-
-    lens = {n: len(eng.prompt_ids(prompt, n)) for n in args.workers}
-    prompts = ", ".join(f"{n}w {k}" for n, k in lens.items())
-    title = f"{device}: {args.tokens} tokens/seq; prompt tokens: generate {len(ids)}, {prompts}"
-    table = Table(title=title)
-    for col in ("", "tokens/s", "step latency ms", "speed-up vs generate", "speed-up vs 1 worker"):
-        table.add_column(col, justify="left" if not col else "right")
-    for f in figures:
-        vs1 = f"{f.speedup_vs_1_worker:.2f}x" if f.speedup_vs_1_worker else "-"
-        table.add_row(
-            f.name, f"{f.tokens_per_s:.1f}", f"{f.step_ms:.1f}", f"{f.speedup_vs_generate:.2f}x", vs1
+        gen = next((g for g in figures if g.kind == "generate" and g.context == f.context), None)
+        one_worker = next(
+            (g for g in figures if g.kind == "hogwild" and g.sequences == 1 and g.context == f.context), None
         )
-    console.print(table)
+        f.speedup_vs_generate = f.tokens_per_s / gen.tokens_per_s if gen else None
+        f.speedup_vs_1_worker = f.tokens_per_s / one_worker.tokens_per_s if one_worker else None
 
-    result = {
-        "machine": machine_info(device),
-        "config": {
-            "model": args.model or "SmolLM2-135M-Instruct (embedded default)",
-            "dtype": str(dtype).removeprefix("torch."),
-            "tokens": args.tokens,
-            "prompt_tokens_text": args.prompt_tokens,
-            "prompt_tokens_by_workers": lens,
-            "repeats": args.repeats,
-            "workers": args.workers,
-            "engine_options": asdict(eng.options),
-        },
-        "method": (__doc__ or "").strip(),
-        "results": [asdict(f) for f in figures],
+    title = (
+        f"{loaded.label}, {dtype}, {device}, {args.attention} attention: {args.tokens} tokens/sequence; "
+        f"weight-read floor {floor_ms:.2f} ms/step ({weights / 1e9:.2f} GB at {bandwidth / 1e9:.0f} GB/s)"
+    )
+    columns = [
+        "run",
+        "context",
+        "prompt tok",
+        "tokens/s",
+        "step ms",
+        "step/floor",
+        "vs generate",
+        "vs 1 worker",
+    ]
+    common.print_table(
+        title,
+        columns,
+        [
+            [
+                f.name,
+                str(f.context),
+                str(f.prompt_tokens),
+                common.fmt(f.tokens_per_s),
+                common.fmt(f.step_ms, 2),
+                common.fmt(f.step_ms / f.floor_ms, 1, "x"),
+                common.fmt(f.speedup_vs_generate, 2, "x"),
+                common.fmt(f.speedup_vs_1_worker, 2, "x"),
+            ]
+            for f in figures
+        ],
+    )
+    config = {
+        "model": loaded.label,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens": args.tokens,
+        "contexts": contexts,
+        "workers": args.workers,
+        "repeats": args.repeats,
+        "weight_bytes": weights,
+        "bandwidth_bytes_per_s": bandwidth,
+        "weight_floor_ms": floor_ms,
+        "engine_options": asdict(eng.options),
     }
     if args.profile:
-        text = profile(eng, prompt, max(args.workers), args.profile)
-        print(text)
-        result["profile"] = text
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {out}")
+        config["profile"] = profile(eng, prompts[contexts[-1]], widest, args.profile)
+        print(config["profile"])
+    path = common.output_path(args, f"engine_{device.type}")
+    common.write_result(path, device, config, __doc__ or "", [asdict(f) for f in figures])
+    if args.plot:
+        plot(figures, path)
     return 0

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks as one prepared run (about 5 minutes on an H100; every step has a time limit, 8 minutes in
+# all): the Triton kernel's tests compiled for the GPU, the attention op alone at the Qwen3-8B shape (4
+# workers on a 16k shared block plus 1k per worker, against one-sequence SDPA and independent sequences),
+# and engine decode steps at 1 and 4 workers at 8k and 16k context against the weight-read floor, with the
+# vectorized torch attention and, when triton is installed, the Triton kernel.
+#
+# Usage: bench/gpu_check.sh   (PYTHON defaults to python3; results go to $OUT if set, else bench/results/)
+# Random weights at the model's shape and a built-in byte tokenizer: nothing is downloaded.
+# DEVICE=cpu SHAPE=tiny bench/gpu_check.sh runs the same steps on the CPU, to check the script itself.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+SHAPE=${SHAPE:-qwen3-8b}
+DEST=${OUT:-bench/results}
+mkdir -p "$DEST"
+exec > >(tee "$DEST/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
+status=0
+
+# step SECONDS NAME COMMAND...: a failed or timed-out step is reported and the others still run.
+step() {
+    local limit=$1 name=$2
+    shift 2
+    echo "=== $name"
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "=== $name FAILED (exit $rc)"
+        status=1
+    fi
+    echo "=== $name: $((SECONDS - start)) s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+backends=(vectorized)
+if "$PYTHON" -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/null; then
+    backends+=(triton)
+fi
+
+if [[ " ${backends[*]} " == *" triton "* && -f tests/test_triton_attention.py ]]; then
+    step 150 "Triton kernel tests, compiled (TRITON_INTERPRET=0)" \
+        env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_attention.py
+fi
+
+step 90 "attention op, $SHAPE shape" \
+    "$PYTHON" -m bench attention --device "$DEVICE" --shape "$SHAPE" --workers 1 2 4 8 \
+    --common 16384 --step-tokens 1024 --out "$DEST/attention_$SHAPE.json" --plot
+
+# generate and the independent jobs once, with the default torch attention; the kernel's run adds its rows.
+extra=()
+for backend in "${backends[@]}"; do
+    step 120 "engine, $SHAPE shape, $backend attention" \
+        "$PYTHON" -m bench engine --device "$DEVICE" --shape "$SHAPE" --attention "$backend" --workers 1 4 \
+        --contexts 8192 16384 --tokens 32 "${extra[@]}" --out "$DEST/engine_${SHAPE}_$backend.json" --plot
+    extra=(--no-generate)
+done
+
+echo "=== gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED) in $SECONDS s"
+exit $status

@@ -1,0 +1,141 @@
+"""Every ``python -m bench`` subcommand runs end to end on a tiny model and writes the JSON it promises.
+
+Only the shape of the output is checked (keys present, numbers positive, the machine recorded): the CPU is
+shared, so no test here asserts anything about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.__main__ import main
+from bench.common import summary
+
+READY_S = 180.0  # a hang guard for the server's start-up, not a speed requirement
+MACHINE_KEYS = {"cpu", "cores", "torch", "transformers", "python", "device", "date"}
+
+
+def run_bench(tmp_path: Path, command: str) -> dict[str, Any]:
+    """Run ``python -m bench <command>`` in-process with a JSON and a plot under tmp_path; the record."""
+    argv = command.split()
+    out = tmp_path / f"{argv[0]}.json"
+    assert main([*argv, "--out", str(out), "--plot"]) == 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    record = json.loads(out.read_text())
+    assert record["machine"].keys() >= MACHINE_KEYS
+    assert record["machine"]["cores"] > 0
+    assert record["method"] and record["config"] and record["results"]
+    return record
+
+
+def positive(row: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert row[key] > 0, (key, row)
+
+
+def test_engine(tmp_path: Path) -> None:
+    record = run_bench(tmp_path, "engine --shape tiny --workers 1 2 --contexts 32 200 --tokens 4")
+    rows = record["results"]
+    assert {(r["kind"], r["sequences"], r["context"]) for r in rows} == {
+        (kind, n, c)
+        for c in (32, 200)
+        for kind, n in (("generate", 1), ("hogwild", 1), ("hogwild", 2), ("independent", 2))
+    }
+    for row in rows:
+        positive(row, "tokens_per_s", "step_ms", "floor_ms", "tokens", "steps", "prompt_tokens")
+        assert row["speedup_vs_generate"] > 0 and row["speedup_vs_1_worker"] > 0
+    positive(record["config"], "weight_bytes", "bandwidth_bytes_per_s", "weight_floor_ms")
+
+
+def test_jobs(tmp_path: Path) -> None:
+    record = run_bench(tmp_path, "jobs --shape tiny --concurrency 1 3 --tokens 4 --prompt-tokens 32")
+    rows = record["results"]
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    for row in rows:
+        positive(row, "tokens_per_s", "step_ms", "seconds", "steps")
+        assert row["tokens"] == row["concurrency"] * 2 * 4  # EOS is suppressed: every worker writes 4
+        for stat in ("latency_s", "ttft_s"):
+            assert row[stat].keys() == {"mean", "p50", "p99"}
+            assert 0 < row[stat]["p50"] <= row[stat]["p99"]
+
+
+def test_attention(tmp_path: Path) -> None:
+    record = run_bench(
+        tmp_path, "attention --shape tiny --workers 1 2 --common 32 --step-tokens 8 --repeats 1"
+    )
+    rows = record["results"]
+    ops = {r["op"] for r in rows}
+    assert {"sdpa 1 seq", "sdpa 2 seqs", "reference", "vectorized"} <= ops
+    assert set(record["config"]["backends"]) | set(record["config"]["skipped"]) >= {"reference", "vectorized"}
+    for row in rows:
+        positive(row, "call_us", "step_ms", "floor_ms", "view_len", "vs_sdpa_1")
+        if row["max_abs_diff"] is not None:
+            assert row["max_abs_diff"] < 1e-4  # every implementation agrees with the reference
+    assert {r["view_len"] for r in rows if r["workers"] == 2} == {32 + 16 + 2 * 8}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``python -m server`` on a free local port, serving the tiny model."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--model"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*cmd, str(tiny_model_dir)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {READY_S} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(("via", "levels"), [("stream", "1 2"), ("events", "2")])
+def test_serve(tmp_path: Path, server_url: str, via: str, levels: str) -> None:
+    record = run_bench(
+        tmp_path,
+        f"serve --url {server_url} --via {via} --concurrency {levels} --num-requests 2 --max-tokens 4",
+    )
+    assert record["config"]["model"]
+    for row in record["results"]:
+        assert row["failed"] == 0 and not row["errors"]
+        positive(row, "output_tokens", "output_tokens_per_s", "requests_per_s", "seconds")
+        for stat in ("ttft_ms", "itl_ms", "e2e_ms"):
+            assert 0 < row[stat]["p50"] <= row[stat]["p99"]
+
+
+def test_summary_percentiles() -> None:
+    stats = summary([float(x) for x in range(1, 101)])
+    assert stats == {"mean": 50.5, "p50": 50.5, "p99": 99.0}
