@@ -1,0 +1,280 @@
+"""``hogwild "problem" --workers 4``: ask a running Hogwild! server and watch its workers think, live.
+
+Also ``hogwild jobs`` (recent jobs), ``hogwild get ID`` and ``hogwild cancel ID``. The server address and key
+come from ``--url``/``--api-key`` or the environment (``HOGWILD_URL``, ``HOGWILD_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from rich.columns import Columns
+from rich.console import Console
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from clients.client import Event, HogwildClient, HogwildError
+
+COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
+COMMANDS = ("jobs", "get", "cancel")
+ENDED = ("finished", "cancelled", "failed")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("HOGWILD_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--api-key", default=os.environ.get("HOGWILD_API_KEY"))
+    p.add_argument("--json", action="store_true", help="print the job object(s) as JSON, nothing else")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hogwild",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="other commands: hogwild jobs | hogwild get ID | hogwild cancel ID",
+    )
+    p.add_argument("problem")
+    _common(p)
+    # None everywhere: options left out are the server's defaults, so the CLI never contradicts them.
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--layout", choices=("combined", "interleaved", "contiguous"), default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--quick-check-every", type=int, default=None)
+    p.add_argument("--no-finisher", action="store_true")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--columns", dest="view", action="store_const", const="columns", help="(default)")
+    view.add_argument(
+        "--stream", dest="view", action="store_const", const="stream", help="finished steps as they happen"
+    )
+    p.set_defaults(view="columns")
+    return p
+
+
+def command_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hogwild")
+    sub = p.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("jobs", help="recent jobs, newest first"))
+    for name in ("get", "cancel"):
+        sp = sub.add_parser(name, help=f"{name} one job")
+        sp.add_argument("id")
+        _common(sp)
+    return p
+
+
+class Watch:
+    """What the terminal shows of a running job: each worker's text (forced text dimmed) and speed."""
+
+    def __init__(self, job: dict[str, Any], console: Console, view: str) -> None:
+        self.console = console
+        self.view = view
+        count = int(job.get("options", {}).get("workers") or len(job.get("workers") or []) or 1)
+        known = {w["index"]: w["name"] for w in job.get("workers") or []}
+        self.names = [known.get(i, f"worker {i}") for i in range(count)]
+        self.texts = [Text() for _ in range(count)]
+        self.generated = [0] * count
+        self.started: list[float | None] = [None] * count
+        self.printed = [0] * count  # characters of each worker already shown in stream view
+        self.done: dict[str, Any] | None = None
+        self.answer: str | None = None
+
+    def _worker(self, index: int) -> int:
+        while index >= len(self.texts):  # a server that reports more workers than it announced
+            self.names.append(f"worker {len(self.texts)}")
+            self.texts.append(Text())
+            self.generated.append(0)
+            self.started.append(None)
+            self.printed.append(0)
+        return index
+
+    def handle(self, event: Event) -> None:
+        d = event.data
+        if event.type == "token":
+            w = self._worker(int(d["worker"]))
+            self.texts[w].append(d["text"], style="dim italic" if d.get("forced") else None)
+            if not d.get("forced"):
+                self.generated[w] += 1
+                self.started[w] = self.started[w] or time.monotonic()
+        elif event.type == "step" and self.view == "stream":
+            w = self._worker(int(d["worker"]))
+            self.console.print(Text(d["text"].rstrip(), style=COLORS[w % len(COLORS)]))
+            self.printed[w] = len(self.texts[w].plain)
+        elif event.type == "quick_check" and self.view == "stream":
+            name = self.names[self._worker(int(d["worker"]))]
+            self.console.print(Text(f"[quick check for {name}, step {d.get('step')}]", style="dim"))
+        elif event.type == "final":
+            self.answer = d.get("answer")
+        elif event.type == "error":
+            self.console.print(Text(f"error: {d.get('message')}", style="bold red"))
+        elif event.type == "done":
+            self.done = d
+
+    def rate(self, w: int) -> str:
+        start = self.started[w]
+        elapsed = time.monotonic() - start if start else 0.0
+        return (
+            f"{self.generated[w]} tok, {self.generated[w] / elapsed:.1f} tok/s" if elapsed > 0 else "waiting"
+        )
+
+    def columns(self) -> Columns:
+        """One panel per worker with the tail of its text that fits: the terminal cannot hold it all."""
+        height = max(6, self.console.size.height - 6)
+        width = max(10, self.console.size.width // max(1, len(self.texts)) - 4)
+        panels = []
+        for w, text in enumerate(self.texts):
+            lines = text.split("\n")
+            kept: list[Text] = []
+            rows = 0
+            for line in reversed(lines):
+                rows += max(1, -(-len(line.plain) // width))
+                if rows > height:
+                    break
+                kept.append(line)
+            body = Text("\n").join(reversed(kept))
+            color = COLORS[w % len(COLORS)]
+            panels.append(Panel(body, title=self.names[w], subtitle=self.rate(w), border_style=color))
+        return Columns(panels, equal=True, expand=True)
+
+    def flush_stream(self) -> None:
+        """At the end, the text still in progress (not yet a finished step) of each worker."""
+        for w, text in enumerate(self.texts):
+            tail = text.plain[self.printed[w] :]
+            if tail.strip():
+                self.console.print(Text(tail.rstrip(), style=COLORS[w % len(COLORS)]))
+
+
+def run(args: argparse.Namespace, client: HogwildClient, console: Console) -> int:
+    options = {
+        "workers": args.workers,
+        "layout": args.layout,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+        "quick_check_every": args.quick_check_every,
+        "finisher": False if args.no_finisher else None,
+    }
+    job = client.submit(args.problem, **options)
+    try:
+        if args.json:
+            for _ in client.events(job["id"]):
+                pass
+        else:
+            watch = Watch(job, console, args.view)
+            console.print(f"[dim]{job['id']} on {job.get('model', '?')}[/dim]")
+            if args.view == "columns":
+                with Live(watch.columns(), console=console, refresh_per_second=8) as live:
+                    for event in client.events(job["id"]):
+                        watch.handle(event)
+                        live.update(watch.columns())
+            else:
+                for event in client.events(job["id"]):
+                    watch.handle(event)
+                watch.flush_stream()
+    except KeyboardInterrupt:
+        # Leaving without cancelling would keep the server working for no one.
+        job = client.cancel(job["id"])
+        console.print(f"[yellow]cancelled {job['id']}[/yellow]")
+        return 130
+    final = client.get(job["id"])
+    if args.json:
+        print(json.dumps(final, indent=2))
+    else:
+        show_result(final, console)
+    return 0 if final.get("status") == "finished" else 1
+
+
+def show_result(job: dict[str, Any], console: Console) -> None:
+    answer = job.get("answer")
+    line = Text("answer: ", style="bold")
+    line.append(
+        answer if answer is not None else "(none)", style="bold green" if answer is not None else "dim"
+    )
+    line.append(f"  ({job.get('finish_reason')})", style="dim")
+    console.print(line)
+    if job.get("error"):
+        console.print(Text(f"error: {job['error']}", style="bold red"))
+    usage, timings = job.get("usage") or {}, job.get("timings") or {}
+    if usage:
+        parts = [f"{k.removesuffix('_tokens')} {v}" for k, v in usage.items()]
+        if timings.get("duration_s") is not None:
+            parts.append(f"{timings['duration_s']:.1f} s")
+        console.print(Text("tokens: " + ", ".join(parts), style="dim"))
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(header_style="bold")
+    table.add_column("id", no_wrap=True)  # copied into `hogwild get`: it must stay whole
+    for name in ("status", "workers", "finish"):
+        table.add_column(name)
+    table.add_column("answer", max_width=30, overflow="ellipsis", no_wrap=True)
+    table.add_column("created")
+    for job in jobs:
+        created = (job.get("timings") or {}).get("created")
+        table.add_row(
+            job["id"],
+            job.get("status", ""),
+            str((job.get("options") or {}).get("workers", "")),
+            job.get("finish_reason") or "",
+            Text(str(job["answer"])) if job.get("answer") is not None else "",
+            time.strftime("%H:%M:%S", time.localtime(created)) if created else "",
+        )
+    return table
+
+
+def show_job(job: dict[str, Any], console: Console) -> None:
+    console.print(Text(f"{job['id']}  {job.get('status')}  {job.get('model', '')}", style="bold"))
+    for worker in job.get("workers") or []:
+        color = COLORS[int(worker.get("index", 0)) % len(COLORS)]
+        subtitle = f"{worker.get('tokens', 0)} tokens, {worker.get('finish_reason') or 'running'}"
+        console.print(
+            Panel(
+                Text(worker.get("text", "")), title=worker.get("name"), subtitle=subtitle, border_style=color
+            )
+        )
+    if job.get("status") in ENDED:
+        show_result(job, console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    is_command = bool(argv) and argv[0] in COMMANDS
+    args = (command_parser() if is_command else run_parser()).parse_args(argv)
+    console = Console()
+    with HogwildClient(args.url, api_key=args.api_key) as client:
+        try:
+            if not is_command:
+                return run(args, client, console)
+            if args.command == "jobs":
+                jobs = client.list()
+                if args.json:
+                    print(json.dumps(jobs, indent=2))
+                else:
+                    console.print(jobs_table(jobs))
+                return 0
+            job = client.get(args.id) if args.command == "get" else client.cancel(args.id)
+            if args.json:
+                print(json.dumps(job, indent=2))
+            else:
+                show_job(job, console)
+            return 0
+        except HogwildError as exc:
+            Console(stderr=True).print(Text(f"error: {exc}", style="bold red"))
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
