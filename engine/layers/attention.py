@@ -5,24 +5,32 @@ are stored rotated by their block-local position, the row's queries are rotated 
 Attending to block b, which starts at offset o_b of the view, needs the relative rotation
 ``(R(p) q) . (R(o_b) k~)`` (DESIGN.md section 3).
 
-Two implementations share one interface (``plan`` once per step, ``__call__`` once per layer):
+Three implementations share one interface (``plan`` once per step, ``__call__`` once per layer):
 - ``ReferenceAttention`` walks rows and blocks in Python, rotating the query per block. Obviously right;
   for tests.
-- ``VectorizedAttention`` gathers every row's keys in view order, rotates each gathered key by its block's
-  offset (the gather materializes the keys anyway, and rotating keys is cheaper than scoring every key
-  against B per-block queries or gathering a query per key, which is larger by the GQA ratio), and runs one
-  masked ``scaled_dot_product_attention`` for all rows at once.
+- ``VectorizedAttention`` gathers every row's keys, rotates each gathered key outside ``common`` by its
+  block's offset (the gather materializes the keys anyway, and rotating keys is cheaper than scoring every
+  key against B per-block queries or gathering a query per key, which is larger by the GQA ratio; keys of
+  the blocks at offset 0 need no rotation at all), and runs one masked ``scaled_dot_product_attention``
+  for all rows at once.
+- ``TritonAttention`` (engine/layers/triton_attention.py) is the fused GPU kernel.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from engine.layers.rotary import Rotary, rotate
+
+if TYPE_CHECKING:
+    from engine.layers.triton_attention import TritonAttention
 
 # Rows with more input tokens than this are attended alone, so that one long prefill chunk does not pad
 # the queries of every decode row.
@@ -81,15 +89,22 @@ class ReferenceAttention:
 
 @dataclass
 class GroupPlan:
-    """Rows padded to one [R, T] query batch over [R, L] gathered keys."""
+    """Rows padded to one [R, T] query batch over [R, Lh + Lt] gathered keys.
+
+    Each row's keys are laid out as its *head* (the leading blocks at view offset 0, i.e. ``common``:
+    stored exactly as the view needs them) padded to Lh, then its *tail* (every later block) padded to
+    Lt. Only the tail columns need re-rotation, and they are one slice for all rows. Attention does not
+    care about key order, so the mask carries each key's view position instead (pads: never visible).
+    """
 
     query_index: torch.Tensor  # [R*T] packed token index per padded query (pads repeat a valid index)
     src: torch.Tensor  # valid entries of the padded [R*T] output ...
     dst: torch.Tensor  # ... and the packed positions they go to
-    key_slots: torch.Tensor  # [R, L] pool slots in view order (pads: 0)
-    key_cos: torch.Tensor  # [R, L, 1, d] pure rotation by each key's block offset
-    key_sin: torch.Tensor
-    mask: torch.Tensor  # [R, 1, T, L]: key view position <= query view position
+    key_slots: torch.Tensor  # [R, Lh + Lt] pool slots (pads: 0)
+    head_len: int  # Lh
+    tail_cos: torch.Tensor  # [R, Lt, 1, d] pure rotation by each tail key's block offset
+    tail_sin: torch.Tensor
+    mask: torch.Tensor  # [R, 1, T, Lh + Lt]: key view position <= query view position
     rows: int
     tokens: int
 
@@ -97,6 +112,9 @@ class GroupPlan:
 @dataclass
 class VectorizedPlan:
     groups: list[GroupPlan]
+
+
+NEVER = 1 << 40  # the view position of a padding key: after every query
 
 
 class VectorizedAttention:
@@ -112,19 +130,34 @@ class VectorizedAttention:
     @staticmethod
     def _plan_group(rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> GroupPlan:
         device = rows[0].blocks[0][0].device
-        num_t = max(r.num_tokens for r in rows)
-        slots = pad_sequence([torch.cat([s for s, _ in r.blocks]) for r in rows], batch_first=True)
-        offsets = pad_sequence(
-            [
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        heads, tails, tail_offsets = [], [], []
+        for r in rows:
+            split = sum(offset == 0 for _, offset in r.blocks)  # offsets never decrease along a view
+            heads.append(torch.cat([s for s, _ in r.blocks[:split]]) if split else empty)
+            tail = r.blocks[split:]
+            tails.append(torch.cat([s for s, _ in tail]) if tail else empty)
+            tail_offsets.append(
                 torch.repeat_interleave(
-                    torch.tensor([o for _, o in r.blocks], device=device),
-                    torch.tensor([len(s) for s, _ in r.blocks], device=device),
+                    torch.tensor([o for _, o in tail], dtype=torch.long, device=device),
+                    torch.tensor([len(s) for s, _ in tail], dtype=torch.long, device=device),
                 )
-                for r in rows
+            )
+        head_slots = pad_sequence(heads, batch_first=True)
+        tail_slots = pad_sequence(tails, batch_first=True)
+        cos, sin = rotary.cos_sin(pad_sequence(tail_offsets, batch_first=True), scaled=False)
+        head_lens = torch.tensor([len(h) for h in heads], device=device)[:, None]
+        tail_lens = torch.tensor([len(t) for t in tails], device=device)[:, None]
+        h = torch.arange(head_slots.shape[1], device=device)[None, :]
+        t_ = torch.arange(tail_slots.shape[1], device=device)[None, :]
+        key_pos = torch.cat(
+            [
+                torch.where(h < head_lens, h, NEVER),
+                torch.where(t_ < tail_lens, head_lens + t_, NEVER),
             ],
-            batch_first=True,
+            dim=1,
         )
-        cos, sin = rotary.cos_sin(offsets, scaled=False)
+        num_t = max(r.num_tokens for r in rows)
         t = torch.arange(num_t, device=device)
         starts = torch.tensor([r.start for r in rows], device=device)[:, None]
         counts = torch.tensor([r.num_tokens for r in rows], device=device)[:, None]
@@ -132,16 +165,16 @@ class VectorizedAttention:
         valid = t[None, :] < counts
         query_index = torch.where(valid, starts + t[None, :], starts)
         query_pos = view_lens - counts + t[None, :]
-        key_pos = torch.arange(slots.shape[1], device=device)
         flat_valid = valid.flatten()
         return GroupPlan(
             query_index=query_index.flatten(),
             src=flat_valid.nonzero().squeeze(1),
             dst=query_index.flatten()[flat_valid],
-            key_slots=slots,
-            key_cos=cos[:, :, None, :].to(dtype),
-            key_sin=sin[:, :, None, :].to(dtype),
-            mask=(key_pos[None, None, :] <= query_pos[:, :, None])[:, None],
+            key_slots=torch.cat([head_slots, tail_slots], dim=1),
+            head_len=head_slots.shape[1],
+            tail_cos=cos[:, :, None, :].to(dtype),
+            tail_sin=sin[:, :, None, :].to(dtype),
+            mask=(key_pos[:, None, :] <= query_pos[:, :, None])[:, None],
             rows=len(rows),
             tokens=num_t,
         )
@@ -152,7 +185,9 @@ class VectorizedAttention:
         out = torch.empty_like(q)
         heads, dim = q.shape[1], q.shape[2]
         for g in plan.groups:
-            k = rotate(k_pool[g.key_slots], g.key_cos, g.key_sin)  # [R, L, kvh, d]
+            k = k_pool[g.key_slots]  # [R, L, kvh, d], a fresh tensor: its tail can be rotated in place
+            if k.shape[1] > g.head_len:
+                k[:, g.head_len :] = rotate(k[:, g.head_len :], g.tail_cos, g.tail_sin)
             v = v_pool[g.key_slots]
             qg = q.index_select(0, g.query_index).view(g.rows, g.tokens, heads, dim)
             o = F.scaled_dot_product_attention(
@@ -168,8 +203,23 @@ class VectorizedAttention:
         return out
 
 
-Attention = ReferenceAttention | VectorizedAttention
-ATTENTION_BACKENDS: dict[str, type[Attention]] = {
+def _triton_attention() -> TritonAttention:
+    """Imported on first use: triton is optional, and reads TRITON_INTERPRET when the kernels are defined."""
+    from engine.layers.triton_attention import TritonAttention
+
+    return TritonAttention()
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """``auto`` is the Triton kernel on CUDA when triton is installed, else the vectorized torch path."""
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "vectorized"
+
+
+Attention = Union[ReferenceAttention, VectorizedAttention, "TritonAttention"]
+ATTENTION_BACKENDS: dict[str, Callable[[], Attention]] = {
     "reference": ReferenceAttention,
     "vectorized": VectorizedAttention,
+    "triton": _triton_attention,
 }
