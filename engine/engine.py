@@ -19,7 +19,7 @@ from engine.collab import LAYOUTS, instructions
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.events import Event
 from engine.job import Job, JobOptions
-from engine.layers.attention import ATTENTION_BACKENDS
+from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention
 from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
@@ -34,7 +34,7 @@ class EngineOptions:
     page_size: int = 16
     num_pages: int | None = None  # default: kv_tokens worth of pages
     kv_tokens: int | None = None  # default: 32768 on CPU, 90% of free memory on CUDA
-    attention: str = "vectorized"
+    attention: str = "auto"  # "triton" on CUDA when triton is installed, else "vectorized"
     prefill_chunk: int = 512  # prompt tokens prefilled per step, over all jobs
     max_workers: int = 16
     max_tokens: int = 32768  # per worker
@@ -45,6 +45,7 @@ class EngineOptions:
 class Engine:
     def __init__(self, hf_model: Any, tokenizer: Any, device: str | torch.device = "cpu", **options: Any):
         self.options = EngineOptions(**options)
+        self.options.attention = resolve_attention(self.options.attention, torch.device(device))
         if self.options.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}")
         config = hf_model.config
