@@ -108,7 +108,7 @@ class Watch:
                 self.started[w] = self.started[w] or time.monotonic()
         elif event.type == "step" and self.view == "stream":
             w = self._worker(int(d["worker"]))
-            self.console.print(Text(d["text"].rstrip(), style=COLORS[w % len(COLORS)]))
+            self.console.print(Text(d["text"].rstrip(), style=COLORS[w % len(COLORS)]), soft_wrap=True)
             self.printed[w] = len(self.texts[w].plain)
         elif event.type == "quick_check" and self.view == "stream":
             name = self.names[self._worker(int(d["worker"]))]
@@ -126,6 +126,9 @@ class Watch:
         return (
             f"{self.generated[w]} tok, {self.generated[w] / elapsed:.1f} tok/s" if elapsed > 0 else "waiting"
         )
+
+    def __rich__(self) -> Columns:
+        return self.columns()
 
     def columns(self) -> Columns:
         """One panel per worker with the tail of its text that fits: the terminal cannot hold it all."""
@@ -147,11 +150,13 @@ class Watch:
         return Columns(panels, equal=True, expand=True)
 
     def flush_stream(self) -> None:
-        """At the end, the text still in progress (not yet a finished step) of each worker."""
+        """At the end, the text still in progress (not yet a finished step) of each worker.
+
+        Stream output is soft-wrapped (left to the terminal) so that it can be copied and grepped whole."""
         for w, text in enumerate(self.texts):
             tail = text.plain[self.printed[w] :]
             if tail.strip():
-                self.console.print(Text(tail.rstrip(), style=COLORS[w % len(COLORS)]))
+                self.console.print(Text(tail.rstrip(), style=COLORS[w % len(COLORS)]), soft_wrap=True)
 
 
 def run(args: argparse.Namespace, client: HogwildClient, console: Console) -> int:
@@ -176,10 +181,10 @@ def run(args: argparse.Namespace, client: HogwildClient, console: Console) -> in
             watch = Watch(job, console, args.view)
             console.print(f"[dim]{job['id']} on {job.get('model', '?')}[/dim]")
             if args.view == "columns":
-                with Live(watch.columns(), console=console, refresh_per_second=8) as live:
+                # Live renders `watch` at its own pace, so a fast stream costs one layout per refresh.
+                with Live(watch, console=console, refresh_per_second=8):
                     for event in client.events(job["id"]):
                         watch.handle(event)
-                        live.update(watch.columns())
             else:
                 for event in client.events(job["id"]):
                     watch.handle(event)

@@ -188,6 +188,8 @@ def test_cli_solves_and_prints_the_answer(
     job = client.list()[0]
     assert code == (0 if job["status"] == "finished" else 1)
     assert job["id"] in out and "answer:" in out and f"({job['finish_reason']})" in out
+    if view == "--columns":  # the last frame of the live panels stays on screen
+        assert "Alice" in out and "Bob" in out and "tok/s" in out
     if view == "--stream":  # finished steps are printed as they happen
         assert all(h["text"].strip().splitlines()[0] in out for h in job["history"])
 
