@@ -166,6 +166,11 @@ def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def fmt_summary(stats: dict[str, float], digits: int = 1) -> str:
+    """``mean/p50/p99`` in one table cell."""
+    return "/".join(fmt(stats[k], digits) for k in ("mean", "p50", "p99"))
+
+
 def write_result(
     path: Path, device: torch.device, config: dict[str, Any], method: str, results: Any
 ) -> dict[str, Any]:

@@ -299,10 +299,8 @@ def main(args: argparse.Namespace) -> int:
         attention=args.attention,
         max_workers=max(widest, EngineOptions.max_workers),
     )
-    weights = models.weight_bytes(eng.model)
-    bandwidth = common.measure_bandwidth(device)
-    floor_ms = 1000 * weights / bandwidth
-    common.log(f"{loaded.label}: {weights / 1e9:.2f} GB of weights at {bandwidth / 1e9:.1f} GB/s")
+    floor = models.weight_floor(eng)
+    common.log(f"{loaded.label}: {floor.describe()}")
 
     common.log("warm-up ...")
     if not args.no_generate:
@@ -313,7 +311,7 @@ def main(args: argparse.Namespace) -> int:
     for c in contexts:
         prompt = prompts[c]
         one = eng.prompt_ids(prompt, 1)  # the one-worker job's exact prompt (chat template included)
-        row: dict[str, Any] = dict(context=c, floor_ms=floor_ms)
+        row: dict[str, Any] = dict(context=c, floor_ms=floor.ms)
         if not args.no_generate:
             runs = [bench_generate(loaded.hf, one, args.tokens) for _ in range(args.repeats)]
             figures.append(
@@ -343,7 +341,7 @@ def main(args: argparse.Namespace) -> int:
 
     title = (
         f"{loaded.label}, {dtype}, {device}, {args.attention} attention: {args.tokens} tokens/sequence; "
-        f"weight-read floor {floor_ms:.2f} ms/step ({weights / 1e9:.2f} GB at {bandwidth / 1e9:.0f} GB/s)"
+        + floor.describe()
     )
     columns = [
         "run",
@@ -379,9 +377,7 @@ def main(args: argparse.Namespace) -> int:
         "contexts": contexts,
         "workers": args.workers,
         "repeats": args.repeats,
-        "weight_bytes": weights,
-        "bandwidth_bytes_per_s": bandwidth,
-        "weight_floor_ms": floor_ms,
+        **floor.record(),
         "engine_options": asdict(eng.options),
     }
     if args.profile:

@@ -7,7 +7,8 @@ every job). The clock is the engine's own: a job's ``created``, ``first_token_at
 
 - aggregate tokens/s: generated tokens of all jobs / (last finish - first submit)
 - job latency: finish - submit; time to first token: first generated token - submit
-- step ms: the same wall time / the number of engine steps it took
+- step ms: the same wall time / the number of engine steps it took (prefill steps included), beside the
+  weight-read floor (every weight read once at the measured memory bandwidth)
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main(args: argparse.Namespace) -> int:
         kv_tokens=widest * (prompt_len + 1024 + args.workers * 2 * args.tokens),
         max_running_jobs=max(widest, EngineOptions.max_running_jobs),
     )
+    floor = models.weight_floor(eng)
     common.log("warm-up ...")
     run(eng, prompt, 1, args.workers, 4)
     figures = []
@@ -108,22 +110,17 @@ def main(args: argparse.Namespace) -> int:
         common.log(f"{c} jobs: {figures[-1].tokens_per_s:.1f} tok/s")
     common.print_table(
         f"{loaded.label}, {dtype}, {device}: {args.workers}-worker jobs, {args.tokens} tokens/worker, "
-        f"{len(eng.prompt_ids(prompt, args.workers))} prompt tokens",
+        f"{len(eng.prompt_ids(prompt, args.workers))} prompt tokens; {floor.describe()}",
+        ["concurrent jobs", "tokens/s", "step ms", "step/floor", "latency s mean/p50/p99", "TTFT s"],
         [
-            "concurrent jobs",
-            "tokens/s",
-            "step ms",
-            "latency mean s",
-            "p50",
-            "p99",
-            "TTFT mean s",
-            "p50",
-            "p99",
-        ],
-        [
-            [str(f.concurrency), common.fmt(f.tokens_per_s), common.fmt(f.step_ms, 2)]
-            + [common.fmt(f.latency_s[k], 2) for k in ("mean", "p50", "p99")]
-            + [common.fmt(f.ttft_s[k], 2) for k in ("mean", "p50", "p99")]
+            [
+                str(f.concurrency),
+                common.fmt(f.tokens_per_s),
+                common.fmt(f.step_ms, 2),
+                common.fmt(f.step_ms / floor.ms, 1, "x"),
+                common.fmt_summary(f.latency_s, 2),
+                common.fmt_summary(f.ttft_s, 2),
+            ]
             for f in figures
         ],
     )
@@ -134,6 +131,7 @@ def main(args: argparse.Namespace) -> int:
         "tokens": args.tokens,
         "prompt_tokens": len(eng.prompt_ids(prompt, args.workers)),
         "concurrency": args.concurrency,
+        **floor.record(),
         "engine_options": asdict(eng.options),
     }
     path = common.output_path(args, f"jobs_{device.type}")

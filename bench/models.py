@@ -190,6 +190,37 @@ def load(args: argparse.Namespace, materialize: bool) -> LoadedModel:
     return LoadedModel(hf.eval(), byte_tokenizer(), label, stub_weights=not materialize)
 
 
+@dataclass
+class Floor:
+    """The weight-read floor: no decode step of a small batch can beat reading every weight once."""
+
+    weight_bytes: int
+    bandwidth: float  # bytes/s, measured
+
+    @property
+    def ms(self) -> float:
+        return 1000 * self.weight_bytes / self.bandwidth
+
+    def describe(self) -> str:
+        return (
+            f"weight-read floor {self.ms:.2f} ms/step "
+            f"({self.weight_bytes / 1e9:.2f} GB at {self.bandwidth / 1e9:.0f} GB/s)"
+        )
+
+    def record(self) -> dict[str, float]:
+        return {
+            "weight_bytes": self.weight_bytes,
+            "bandwidth_bytes_per_s": self.bandwidth,
+            "weight_floor_ms": self.ms,
+        }
+
+
+def weight_floor(eng: Engine) -> Floor:
+    from bench.common import measure_bandwidth
+
+    return Floor(weight_bytes(eng.model), measure_bandwidth(eng.device))
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step must read: every weight once, except the input embedding table, of which
     only the looked-up rows are read (unless it is tied to the LM head, which reads it all)."""

@@ -241,9 +241,6 @@ def main(args: argparse.Namespace) -> int:
         for error in figures[-1].errors:
             common.log(f"  error: {error}")
 
-    def stats(d: dict[str, float]) -> str:
-        return "/".join(common.fmt(d[k], 0) for k in ("mean", "p50", "p99"))
-
     common.print_table(
         f"{args.url} ({model}): {args.num_requests} requests per level, {args.workers} workers, "
         f"{args.max_tokens} max tokens/worker, rate {args.request_rate}/s",
@@ -254,9 +251,9 @@ def main(args: argparse.Namespace) -> int:
                 f"{f.requests - f.failed}/{f.requests}",
                 common.fmt(f.requests_per_s, 2),
                 common.fmt(f.output_tokens_per_s),
-                stats(f.ttft_ms),
-                stats(f.itl_ms),
-                stats(f.e2e_ms),
+                common.fmt_summary(f.ttft_ms, 0),
+                common.fmt_summary(f.itl_ms, 0),
+                common.fmt_summary(f.e2e_ms, 0),
             ]
             for f in figures
         ],

@@ -7,21 +7,15 @@ shared, so no test here asserts anything about speed.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from bench.__main__ import main
 from bench.common import summary
+from tests.server_process import API_KEY
 
-READY_S = 180.0  # a hang guard for the server's start-up, not a speed requirement
 MACHINE_KEYS = {"cpu", "cores", "torch", "transformers", "python", "device", "date"}
 
 
@@ -84,50 +78,11 @@ def test_attention(tmp_path: Path) -> None:
     assert {r["view_len"] for r in rows if r["workers"] == 2} == {32 + 16 + 2 * 8}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def server_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m server`` on a free local port, serving the tiny model."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--model"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*cmd, str(tiny_model_dir)], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {READY_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.mark.parametrize(("via", "levels"), [("stream", "1 2"), ("events", "2")])
 def test_serve(tmp_path: Path, server_url: str, via: str, levels: str) -> None:
-    record = run_bench(
-        tmp_path,
-        f"serve --url {server_url} --via {via} --concurrency {levels} --num-requests 2 --max-tokens 4",
-    )
+    """Against the session's shared server (tests/conftest.py)."""
+    flags = f"--api-key {API_KEY} --via {via} --concurrency {levels} --num-requests 2 --max-tokens 4"
+    record = run_bench(tmp_path, f"serve --url {server_url} {flags}")
     assert record["config"]["model"]
     for row in record["results"]:
         assert row["failed"] == 0 and not row["errors"]
