@@ -130,7 +130,8 @@ def test_auto_picks_triton_on_cuda_only() -> None:
 
 
 def test_engine_with_triton_matches_reference(tok: Any) -> None:
-    model = tiny_model("llama-gqa4", tok).to(DEVICE)
+    model = tiny_model("llama-gqa4", tok)
+    torch.nn.Module.to(model, DEVICE)  # the reference replays on the engine's device
     eng = Engine.from_hf(model, tok, page_size=4, num_pages=4096, attention="triton", prefill_chunk=96)
     job = eng.generate("Add 2 and 3.", workers=3, max_tokens=16, finisher=False, trace=True)
     assert check_against_reference(model, job) >= 12 * 3

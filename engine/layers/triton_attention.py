@@ -89,8 +89,8 @@ def _attend_kernel(
     partner = tl.where(d < DIM // 2, d + DIM // 2, d - DIM // 2)  # rotate_half's source; its sign is in sin
     q_mask = live[:, None] & d_ok[None, :]
     q_rows = q_ptr + token.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
-    q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0).to(tl.float32) * qk_scale
-    q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0).to(tl.float32) * qk_scale
+    q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
     head_offsets = kv_head * stride_ph + d[None, :]
 
     m_i = tl.full([BLOCK_M], NO_SCORE, tl.float32)
@@ -102,9 +102,9 @@ def _attend_kernel(
     first_piece = tl.load(item_pieces_ptr + item)
     end_piece = tl.where(any_live, tl.load(item_pieces_ptr + item + 1), first_piece)
     for piece in range(first_piece, end_piece):
-        cos = tl.load(cos_ptr + piece * DIM + d, mask=d_ok, other=0.0)
-        sin = tl.load(sin_ptr + piece * DIM + d, mask=d_ok, other=0.0)
-        q_piece = (q * cos[None, :] + q_partner * sin[None, :]).to(DOT_DTYPE)
+        cos = tl.load(cos_ptr + piece * DIM + d, mask=d_ok, other=0.0) * qk_scale
+        sin = tl.load(sin_ptr + piece * DIM + d, mask=d_ok, other=0.0) * qk_scale
+        q_piece = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(DOT_DTYPE)
         key_start = tl.load(piece_start_ptr + piece)
         key_len = tl.load(piece_len_ptr + piece)
         # Key n of the piece is visible to a query if n <= limit: it exists and is not in its future.
@@ -320,10 +320,13 @@ class TritonAttention:
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty(plan.parts, heads, dim, dtype=torch.float32, device=q.device)
         block_d = max(16, triton.next_power_of_2(dim))
-        block_m = min(64, max(16, triton.next_power_of_2(plan.tile * group)))  # tl.dot needs >= 16
         # Triton's interpreter has no bfloat16 tl.dot (triton-lang/triton#11584): there, it dots in float32.
         interpreted = q.dtype == torch.bfloat16 and triton.knobs.runtime.interpret
         dot_dtype = torch.float32 if interpreted else q.dtype
+        # Query rows per program: tl.dot needs 16; the cap keeps the accumulator and query tiles in registers
+        # (ptxas on sm_90 reports no spills for 16-bit inputs up to head_dim 256).
+        max_rows = (4096 if dot_dtype == torch.float32 else 8192) // block_d
+        block_m = min(64, max_rows, max(16, triton.next_power_of_2(plan.tile * group)))
         grid = (len(plan.item_pieces) - 1, kv_heads, triton.cdiv(plan.tile * group, block_m))
         _attend_kernel[grid](
             q,
@@ -356,7 +359,7 @@ class TritonAttention:
             BLOCK_D=block_d,
             DOT_DTYPE=TL_DTYPES[dot_dtype],
             PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-            num_warps=4 if block_m * block_d <= 64 * 128 else 8,
+            num_warps=8 if block_m * block_d >= 4096 else 4,
         )
         out = torch.empty_like(q)
         merge_rows = plan.tokens * heads
