@@ -93,6 +93,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other work",
+    )
+    p.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on the CPU, bfloat16 on GPU"
     )
     src = p.add_mutually_exclusive_group()
@@ -103,6 +109,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to run in; also applies ``--threads``, which must happen before any work."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     default = torch.float32 if device.type == "cpu" else torch.bfloat16
     return device, DTYPES[args.dtype] if args.dtype else default
