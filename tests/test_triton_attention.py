@@ -61,8 +61,8 @@ def random_step(
         steps = [pages.block(max(t, randint(0, 12))) for t in tokens]
         for i in range(n):
             view = [common, others, *(s for j, s in enumerate(steps) if j != i), own, steps[i]]
-            offsets = torch.tensor([0, *(len(b) for b in view)]).cumsum(0).tolist()
-            rows.append(RowSpec(start, tokens[i], list(zip(view, offsets, strict=False))))
+            offsets = torch.tensor([0, *(len(b) for b in view[:-1])]).cumsum(0).tolist()
+            rows.append(RowSpec(start, tokens[i], list(zip(view, offsets, strict=True))))
             start += tokens[i]
     if prefill:
         rows.append(RowSpec(start, prefill, [(pages.block(prefill + randint(0, 20)), 0)]))
@@ -94,6 +94,7 @@ def compare(
         (80, 10, 2, [3, 1], 20),  # a head_dim that is not a power of 2, GQA ratio 5
         (96, 3, 3, [4], 0),  # no GQA
         (128, 8, 2, [2, 5], 0),
+        (64, 32, 2, [6], 0),  # GQA ratio 16: a tile's query rows span two programs
         (256, 2, 1, [2], 0),
     ],
 )
