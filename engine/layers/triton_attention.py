@@ -30,6 +30,7 @@ from itertools import chain
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from engine.layers.attention import RowSpec
 from engine.layers.rotary import Rotary
@@ -321,8 +322,8 @@ class TritonAttention:
         part_out = torch.empty(plan.parts, heads, dim, dtype=torch.float32, device=q.device)
         block_d = max(16, triton.next_power_of_2(dim))
         # Triton's interpreter has no bfloat16 tl.dot (triton-lang/triton#11584): there, it dots in float32.
-        interpreted = q.dtype == torch.bfloat16 and triton.knobs.runtime.interpret
-        dot_dtype = torch.float32 if interpreted else q.dtype
+        interpreted = isinstance(_attend_kernel, InterpretedFunction)
+        dot_dtype = torch.float32 if interpreted and q.dtype == torch.bfloat16 else q.dtype
         # Query rows per program: tl.dot needs 16; the cap keeps the accumulator and query tiles in registers
         # (ptxas on sm_90 reports no spills for 16-bit inputs up to head_dim 256).
         max_rows = (4096 if dot_dtype == torch.float32 else 8192) // block_d
