@@ -4,10 +4,11 @@ A *tile* is up to ``tile_tokens`` query tokens that see the same keys at the sam
 one row, or, over their shared first block (``common``), the tokens of all rows of one job. A *piece* is a
 run of at most ``chunk`` keys of one block, seen by one tile. An *item* is a few consecutive pieces of one
 tile, about ``chunk`` keys in all. One program takes one item and one KV head: it stacks the tile's queries
-of that head's GQA group into one [tokens * group, d] matrix and, piece by piece, rotates them by minus the
-piece's block offset in registers (DESIGN.md section 3) and runs an online softmax over the piece's keys, so
-each key is read once for the whole tile. The partial result (running max, sum, unnormalized output) goes to
-a scratch buffer, and a second kernel merges each token's partials by log-sum-exp (flash-decoding).
+of that head's GQA group into one [tokens * group, d] matrix (split over programs past 64 rows) and, piece
+by piece, rotates them by minus the piece's block offset in registers (DESIGN.md section 3) and runs an
+online softmax over the piece's keys, so each key is read once for the whole tile. The partial result
+(running max, sum, unnormalized output) goes to a scratch buffer, and a second kernel merges each token's
+partials by log-sum-exp (flash-decoding).
 
 Why this cut:
 - a job's ``common`` block, the longest of the step, is read once per job instead of once per worker, while
@@ -206,9 +207,8 @@ class _Layout:
         self.keys = 0
         self.tile_index: list[list[int]] = []  # packed token of each query
         self.tile_pos: list[list[int]] = []  # view position of each query
-        self.pieces: list[
-            tuple[int, int, int, int]
-        ] = []  # (first key, keys, block offset, first key's position)
+        # (first key, keys, block offset, view position of the first key)
+        self.pieces: list[tuple[int, int, int, int]] = []
         self.item_pieces: list[int] = []  # first piece of each item
         self.item_tile: list[int] = []
 
