@@ -76,7 +76,7 @@ class Hub:
         client = self.engine()
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         workers = [WorkerState(i, worker_name(i)) for i in range(int(params.get("workers", 2)))]
-        record = JobRecord(job_id, options, workers)
+        record = JobRecord(job_id, options, workers, prompt=params["prompt"])
         self.store.add(record)
         try:
             result = await client.submit(job_id, params)

@@ -40,6 +40,7 @@ class JobRecord:
     id: str
     options: dict[str, Any]
     workers: list[WorkerState]
+    prompt: str | list[dict[str, str]] = ""  # as submitted: the problem, or chat messages
     prompt_tokens: int = 0
     status: str = "queued"
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -137,6 +138,7 @@ class JobRecord:
             "object": "job",
             "status": self.status,
             "model": model,
+            "prompt": self.prompt,
             "options": self.options,
             "workers": [vars(w).copy() for w in self.workers],
             "history": list(self.history),

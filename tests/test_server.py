@@ -85,6 +85,7 @@ def test_a_job_streams_events_that_rebuild_its_state(http: httpx.Client) -> None
     assert r.status_code == 201 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
     job = r.json()
     assert [w["name"] for w in job["workers"]] == ["Alice", "Bob", "Carol"]
+    assert job["prompt"] == "What is 6 * 7?"
     events = events_of(http, job["id"])
     assert [int(e["id"]) for e in events] == list(range(len(events)))
     assert events[-1]["event"] == "done" and sum(e["event"] == "done" for e in events) == 1
