@@ -185,22 +185,47 @@ class VectorizedAttention:
         out = torch.empty_like(q)
         heads, dim = q.shape[1], q.shape[2]
         for g in plan.groups:
-            k = k_pool[g.key_slots]  # [R, L, kvh, d], a fresh tensor: its tail can be rotated in place
+            shape = (g.rows, -1, k_pool.shape[1], dim)
+            # index_select copies: the tail can be rotated in place. (It is also faster than k_pool[slots].)
+            k = k_pool.index_select(0, g.key_slots.flatten()).view(shape)  # [R, L, kvh, d]
             if k.shape[1] > g.head_len:
                 k[:, g.head_len :] = rotate(k[:, g.head_len :], g.tail_cos, g.tail_sin)
-            v = v_pool[g.key_slots]
+            v = v_pool.index_select(0, g.key_slots.flatten()).view(shape)
             qg = q.index_select(0, g.query_index).view(g.rows, g.tokens, heads, dim)
-            o = F.scaled_dot_product_attention(
-                qg.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=g.mask,
-                scale=scale,
-                enable_gqa=True,
-            )
-            o = o.transpose(1, 2).reshape(g.rows * g.tokens, heads, dim)
+            attend = decode_attention if g.tokens <= SHORT_ROW_TOKENS else prefill_attention
+            o = attend(qg, k, v, g.mask, scale).reshape(g.rows * g.tokens, heads, dim)
             out.index_copy_(0, g.dst, o.index_select(0, g.src))
         return out
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """[R, T, h, d] queries over [R, L, kvh, d] keys: SDPA's flash kernel, made for many queries."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return o.transpose(1, 2)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Few queries per row: two batched matmuls and a float32 softmax. On the CPU, SDPA's flash kernel
+    with a mask costs ~20x this for decode shapes (it tiles for long query blocks), and was half of a
+    bfloat16 step. Each KV head's query heads are stacked with the row's tokens, as GQA shares keys."""
+    rows, tokens, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    qs = q.view(rows, tokens, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, -1, dim)
+    scores = torch.matmul(qs, k.permute(0, 2, 3, 1)).float() * scale  # [R, kvh, g*T, L]
+    keys = scores.shape[-1]
+    scores.view(rows, kv_heads, group, tokens, keys).masked_fill_(
+        ~mask.view(rows, 1, 1, tokens, keys), float("-inf")
+    )
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    o = torch.matmul(probs, v.transpose(1, 2))  # [R, kvh, g*T, d]
+    return o.view(rows, kv_heads, group, tokens, dim).permute(0, 3, 1, 2, 4)
 
 
 def _triton_attention() -> TritonAttention:
