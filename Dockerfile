@@ -75,8 +75,8 @@ RUN set -eu; \
 FROM base AS runtime
 # The device the server uses unless HOGWILD_DEVICE says otherwise: cuda in the GPU image, cpu in the CPU one.
 ARG DEVICE=cuda
-ARG UID=10001
-RUN useradd --system --uid "$UID" --user-group --create-home --home-dir /home/hogwild \
+ARG HOGWILD_UID=10001
+RUN useradd --system --uid "$HOGWILD_UID" --user-group --create-home --home-dir /home/hogwild \
         --shell /usr/sbin/nologin hogwild \
     && mkdir -p /cache \
     && chown hogwild:hogwild /cache

@@ -7,8 +7,9 @@
 #
 # The host's CA bundle is added to the image's trust store, so pip and apt inside builds and containers
 # trust whatever the host trusts (needed where HTTPS goes through an intercepting proxy).
-# Environment: SUITE (bookworm), MIRROR (http://deb.debian.org/debian), CONTAINERS_CONF (defaults to
-# docker/containers.conf beside this script).
+# Environment: SUITE (bookworm), MIRROR (http://deb.debian.org/debian), INCLUDE (python3,ca-certificates;
+# empty: a bare minbase, like a CUDA base without Python), CONTAINERS_CONF (defaults to docker/containers.conf
+# beside this script).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,6 +23,7 @@ fi
 suite="${SUITE:-bookworm}"
 image="${1:-localhost/hogwild-base:$suite}"
 mirror="${MIRROR:-http://deb.debian.org/debian}"
+include="${INCLUDE-python3,ca-certificates}"
 host_ca=/etc/ssl/certs/ca-certificates.crt
 
 log() { echo "make-base-image: $*" >&2; }
@@ -44,12 +46,15 @@ cleanup() { rm -rf "$rootfs"; }
 trap cleanup EXIT
 
 log "debootstrap $suite ($mirror) into $rootfs"
-debootstrap --variant=minbase --include=python3,ca-certificates "$suite" "$rootfs" "$mirror" >&2
+debootstrap --variant=minbase ${include:+"--include=$include"} "$suite" "$rootfs" "$mirror" >&2
 
 if [[ -s "$host_ca" ]]; then
     log "adding the host's CA bundle to the image's trust store"
-    install -m 0644 "$host_ca" "$rootfs/usr/local/share/ca-certificates/host-ca-bundle.crt"
-    chroot "$rootfs" update-ca-certificates >/dev/null 2>&1 || true
+    # Picked up now, or whenever the image installs ca-certificates later.
+    install -D -m 0644 "$host_ca" "$rootfs/usr/local/share/ca-certificates/host-ca-bundle.crt"
+    if [[ -x "$rootfs/usr/sbin/update-ca-certificates" ]]; then
+        chroot "$rootfs" update-ca-certificates >/dev/null 2>&1
+    fi
 fi
 
 # Slim it down; apt works again after `apt-get update`.
@@ -64,7 +69,7 @@ tar --numeric-owner -C "$rootfs" -c . |
     podman import \
         --change 'CMD ["/bin/bash"]' \
         --change 'ENV LANG=C.UTF-8' \
-        --message "debootstrap --variant=minbase $suite + python3" \
+        --message "debootstrap --variant=minbase $suite + ${include:-nothing}" \
         - "$image" >/dev/null
 podman image inspect --format '{{.Id}} {{.Size}}' "$image" >&2
 log "done: $image"
