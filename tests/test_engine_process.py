@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,13 @@ from engine import protocol
 from engine.client import EngineClient, EngineRefused, EngineUnavailable
 
 READY_S = 120.0  # a hang guard for process start-up, not a speed requirement
+
+
+def run(scenario: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run in a thread of its own: Playwright's sync API leaves a running loop in the main thread
+    once the dashboard tests have run."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, scenario).result()
 
 
 class Recorder:
@@ -92,7 +101,7 @@ def test_fifty_jobs_with_random_cancels_all_end_and_the_pool_refills(tiny_model_
         await client.close()
         assert client.process is not None and client.process.returncode == 0
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_a_full_queue_refuses_at_once_with_its_reason(tiny_model_dir: Path) -> None:
@@ -109,7 +118,7 @@ def test_a_full_queue_refuses_at_once_with_its_reason(tiny_model_dir: Path) -> N
         assert refused.value.code == protocol.QUEUE_FULL
         await client.close()
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_invalid_submissions_name_the_field(tiny_model_dir: Path) -> None:
@@ -131,7 +140,7 @@ def test_invalid_submissions_name_the_field(tiny_model_dir: Path) -> None:
         assert stats["queued"] == stats["running"] == 0
         await client.close()
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_kill_9_is_detected_and_open_requests_fail(tiny_model_dir: Path) -> None:
@@ -146,7 +155,7 @@ def test_kill_9_is_detected_and_open_requests_fail(tiny_model_dir: Path) -> None
             await client.stats()
         await client.close()
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def free_port() -> int:
@@ -179,7 +188,7 @@ def test_standalone_engine_over_loopback_tcp(tiny_model_dir: Path) -> None:
         await asyncio.wait_for(rec.exit.wait(), 30)
 
     try:
-        asyncio.run(scenario())
+        run(scenario())
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
