@@ -28,9 +28,12 @@ class ModelRunner:
         self.model, self.rotary, self.pool, self.dtype = model, rotary, pool, dtype
         self.device = pool.device
         self.attention: Attention = ATTENTION_BACKENDS[attention]()
-        size = (shape.num_layers, pool.num_pages * pool.page_size, shape.num_kv_heads, shape.head_dim)
-        self.k_pool = torch.zeros(size, dtype=dtype, device=self.device)
-        self.v_pool = torch.zeros(size, dtype=dtype, device=self.device)
+        # Stored head-major, [layers, kv_heads, slots, d], seen by everyone as [layers, slots, kv_heads, d]:
+        # a gather of one head's keys then reads 2*d-byte runs into [kv_heads, keys, d], the layout the
+        # attention matmuls take without a transposing copy (on the CPU that copy cost more than the matmul).
+        size = (shape.num_layers, shape.num_kv_heads, pool.num_pages * pool.page_size, shape.head_dim)
+        self.k_pool = torch.zeros(size, dtype=dtype, device=self.device).transpose(1, 2)
+        self.v_pool = torch.zeros(size, dtype=dtype, device=self.device).transpose(1, 2)
 
     @torch.inference_mode()
     def run(self, rows: list[Row], write_slots: list[torch.Tensor]) -> torch.Tensor:

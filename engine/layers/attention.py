@@ -102,7 +102,7 @@ class GroupPlan:
     dst: torch.Tensor  # ... and the packed positions they go to
     key_slots: torch.Tensor  # [R, Lh + Lt] pool slots (pads: 0)
     head_len: int  # Lh
-    tail_cos: torch.Tensor  # [R, Lt, 1, d] pure rotation by each tail key's block offset
+    tail_cos: torch.Tensor  # [R, Lt, d] pure rotation by each tail key's block offset
     tail_sin: torch.Tensor
     mask: torch.Tensor  # [R, 1, T, Lh + Lt]: key view position <= query view position
     rows: int
@@ -172,8 +172,8 @@ class VectorizedAttention:
             dst=query_index.flatten()[flat_valid],
             key_slots=torch.cat([head_slots, tail_slots], dim=1),
             head_len=head_slots.shape[1],
-            tail_cos=cos[:, :, None, :].to(dtype),
-            tail_sin=sin[:, :, None, :].to(dtype),
+            tail_cos=cos.to(dtype),
+            tail_sin=sin.to(dtype),
             mask=(key_pos[:, None, :] <= query_pos[:, :, None])[:, None],
             rows=len(rows),
             tokens=num_t,
@@ -185,12 +185,9 @@ class VectorizedAttention:
         out = torch.empty_like(q)
         heads, dim = q.shape[1], q.shape[2]
         for g in plan.groups:
-            shape = (g.rows, -1, k_pool.shape[1], dim)
-            # index_select copies: the tail can be rotated in place. (It is also faster than k_pool[slots].)
-            k = k_pool.index_select(0, g.key_slots.flatten()).view(shape)  # [R, L, kvh, d]
-            if k.shape[1] > g.head_len:
-                k[:, g.head_len :] = rotate(k[:, g.head_len :], g.tail_cos, g.tail_sin)
-            v = v_pool.index_select(0, g.key_slots.flatten()).view(shape)
+            k, v = gather(k_pool, g), gather(v_pool, g)  # [kvh, R, L, d], fresh copies
+            if k.shape[2] > g.head_len:
+                k[:, :, g.head_len :] = rotate(k[:, :, g.head_len :], g.tail_cos, g.tail_sin)
             qg = q.index_select(0, g.query_index).view(g.rows, g.tokens, heads, dim)
             attend = decode_attention if g.tokens <= SHORT_ROW_TOKENS else prefill_attention
             o = attend(qg, k, v, g.mask, scale).reshape(g.rows * g.tokens, heads, dim)
@@ -198,12 +195,19 @@ class VectorizedAttention:
         return out
 
 
+def gather(pool: torch.Tensor, g: GroupPlan) -> torch.Tensor:
+    """The group's keys (or values) as [kv_heads, R, L, d]: one index_select over the head-major storage
+    (``pool`` is a [slots, kv_heads, d] view of it, see ModelRunner)."""
+    by_head = pool.transpose(0, 1)  # [kvh, slots, d]
+    return by_head.index_select(1, g.key_slots.flatten()).view(by_head.shape[0], g.rows, -1, by_head.shape[2])
+
+
 def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """[R, T, h, d] queries over [R, L, kvh, d] keys: SDPA's flash kernel, made for many queries."""
+    """[R, T, h, d] queries over [kvh, R, L, d] keys: SDPA's flash kernel, made for many queries."""
     o = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+        q.transpose(1, 2), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
     )
     return o.transpose(1, 2)
 
@@ -213,19 +217,20 @@ def decode_attention(
 ) -> torch.Tensor:
     """Few queries per row: two batched matmuls and a float32 softmax. On the CPU, SDPA's flash kernel
     with a mask costs ~20x this for decode shapes (it tiles for long query blocks), and was half of a
-    bfloat16 step. Each KV head's query heads are stacked with the row's tokens, as GQA shares keys."""
+    bfloat16 step. Each KV head's query heads are stacked with the row's tokens, as GQA shares keys;
+    [kvh, R] is the batch, so the [kvh, R, L, d] keys are used as they are."""
     rows, tokens, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[0]
     group = heads // kv_heads
-    qs = q.view(rows, tokens, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, -1, dim)
-    scores = torch.matmul(qs, k.permute(0, 2, 3, 1)).float() * scale  # [R, kvh, g*T, L]
+    qs = q.view(rows, tokens, kv_heads, group, dim).permute(2, 0, 3, 1, 4).reshape(kv_heads, rows, -1, dim)
+    scores = torch.matmul(qs, k.transpose(-1, -2)).float() * scale  # [kvh, R, g*T, L]
     keys = scores.shape[-1]
-    scores.view(rows, kv_heads, group, tokens, keys).masked_fill_(
-        ~mask.view(rows, 1, 1, tokens, keys), float("-inf")
+    scores.view(kv_heads, rows, group, tokens, keys).masked_fill_(
+        ~mask.view(1, rows, 1, tokens, keys), float("-inf")
     )
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    o = torch.matmul(probs, v.transpose(1, 2))  # [R, kvh, g*T, d]
-    return o.view(rows, kv_heads, group, tokens, dim).permute(0, 3, 1, 2, 4)
+    o = torch.matmul(probs, v)  # [kvh, R, g*T, d]
+    return o.view(kv_heads, rows, group, tokens, dim).permute(1, 3, 0, 2, 4)
 
 
 def _triton_attention() -> TritonAttention:
