@@ -89,24 +89,28 @@ class ReferenceAttention:
 
 @dataclass
 class GroupPlan:
-    """Rows padded to one [R, T] query batch over [R, Lh + Lt] gathered keys.
+    """Rows padded to one [R, T] query batch over each row's keys: its *head* and its *tail*.
 
-    Each row's keys are laid out as its *head* (the leading blocks at view offset 0, i.e. ``common``:
-    stored exactly as the view needs them) padded to Lh, then its *tail* (every later block) padded to
-    Lt. Only the tail columns need re-rotation, and they are one slice for all rows. Attention does not
-    care about key order, so the mask carries each key's view position instead (pads: never visible).
+    The head is the leading blocks at view offset 0 (``common``): stored exactly as every view needs them
+    and shared by all rows of a job, so it is gathered once per job ([J, Lh], padded) and scored against
+    the job's stacked queries (W rows x T tokens x the GQA group). The tail (every later block) is gathered
+    per row ([R, Lt], padded) and re-rotated as one slice. Attention ignores key order, so the mask carries
+    each key's view position (pads: never visible) over the concatenated [Lh + Lt] scores.
     """
 
     query_index: torch.Tensor  # [R*T] packed token index per padded query (pads repeat a valid index)
     src: torch.Tensor  # valid entries of the padded [R*T] output ...
     dst: torch.Tensor  # ... and the packed positions they go to
-    key_slots: torch.Tensor  # [R, Lh + Lt] pool slots (pads: 0)
-    head_len: int  # Lh
+    head_slots: torch.Tensor  # [J, Lh] pool slots of each job's head (pads: 0)
+    tail_slots: torch.Tensor  # [R, Lt] pool slots of each row's tail (pads: 0)
+    seat: torch.Tensor  # [R] each row's place j * W + w among the [J, W] stacked rows
     tail_cos: torch.Tensor  # [R, Lt, d] pure rotation by each tail key's block offset
     tail_sin: torch.Tensor
     mask: torch.Tensor  # [R, 1, T, Lh + Lt]: key view position <= query view position
     rows: int
     tokens: int
+    jobs: int  # J
+    width: int  # W: the most rows sharing one head
 
 
 @dataclass
@@ -118,7 +122,7 @@ NEVER = 1 << 40  # the view position of a padding key: after every query
 
 
 class VectorizedAttention:
-    """All rows in one (or a few) batched SDPA calls; per-step metadata is shared by every layer."""
+    """All rows in one (or a few) batched calls; per-step metadata is shared by every layer."""
 
     def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> VectorizedPlan:
         short = [r for r in rows if r.num_tokens <= SHORT_ROW_TOKENS]
@@ -131,10 +135,20 @@ class VectorizedAttention:
     def _plan_group(rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> GroupPlan:
         device = rows[0].blocks[0][0].device
         empty = torch.empty(0, dtype=torch.long, device=device)
-        heads, tails, tail_offsets = [], [], []
+        heads: dict[tuple[tuple[int, int], ...], int] = {}  # the head's blocks, by storage -> job
+        head_slots: list[torch.Tensor] = []
+        seats, counts_by_job, tails, tail_offsets, head_lens = [], [], [], [], []
         for r in rows:
             split = sum(offset == 0 for _, offset in r.blocks)  # offsets never decrease along a view
-            heads.append(torch.cat([s for s, _ in r.blocks[:split]]) if split else empty)
+            key = tuple((s.data_ptr(), len(s)) for s, _ in r.blocks[:split])
+            if key not in heads:
+                heads[key] = len(head_slots)
+                head_slots.append(torch.cat([s for s, _ in r.blocks[:split]]) if split else empty)
+                counts_by_job.append(0)
+            job = heads[key]
+            seats.append((job, counts_by_job[job]))
+            counts_by_job[job] += 1
+            head_lens.append(len(head_slots[job]))
             tail = r.blocks[split:]
             tails.append(torch.cat([s for s, _ in tail]) if tail else empty)
             tail_offsets.append(
@@ -143,19 +157,16 @@ class VectorizedAttention:
                     torch.tensor([len(s) for s, _ in tail], dtype=torch.long, device=device),
                 )
             )
-        head_slots = pad_sequence(heads, batch_first=True)
+        width = max(counts_by_job)
+        heads_padded = pad_sequence(head_slots, batch_first=True)
         tail_slots = pad_sequence(tails, batch_first=True)
         cos, sin = rotary.cos_sin(pad_sequence(tail_offsets, batch_first=True), scaled=False)
-        head_lens = torch.tensor([len(h) for h in heads], device=device)[:, None]
-        tail_lens = torch.tensor([len(t) for t in tails], device=device)[:, None]
-        h = torch.arange(head_slots.shape[1], device=device)[None, :]
+        head_len = torch.tensor(head_lens, device=device)[:, None]
+        tail_len = torch.tensor([len(t) for t in tails], device=device)[:, None]
+        h = torch.arange(heads_padded.shape[1], device=device)[None, :]
         t_ = torch.arange(tail_slots.shape[1], device=device)[None, :]
         key_pos = torch.cat(
-            [
-                torch.where(h < head_lens, h, NEVER),
-                torch.where(t_ < tail_lens, head_lens + t_, NEVER),
-            ],
-            dim=1,
+            [torch.where(h < head_len, h, NEVER), torch.where(t_ < tail_len, head_len + t_, NEVER)], dim=1
         )
         num_t = max(r.num_tokens for r in rows)
         t = torch.arange(num_t, device=device)
@@ -170,13 +181,16 @@ class VectorizedAttention:
             query_index=query_index.flatten(),
             src=flat_valid.nonzero().squeeze(1),
             dst=query_index.flatten()[flat_valid],
-            key_slots=torch.cat([head_slots, tail_slots], dim=1),
-            head_len=head_slots.shape[1],
+            head_slots=heads_padded,
+            tail_slots=tail_slots,
+            seat=torch.tensor([j * width + w for j, w in seats], device=device),
             tail_cos=cos.to(dtype),
             tail_sin=sin.to(dtype),
             mask=(key_pos[:, None, :] <= query_pos[:, :, None])[:, None],
             rows=len(rows),
             tokens=num_t,
+            jobs=len(head_slots),
+            width=width,
         )
 
     def __call__(
@@ -185,21 +199,25 @@ class VectorizedAttention:
         out = torch.empty_like(q)
         heads, dim = q.shape[1], q.shape[2]
         for g in plan.groups:
-            k, v = gather(k_pool, g), gather(v_pool, g)  # [kvh, R, L, d], fresh copies
-            if k.shape[2] > g.head_len:
-                k[:, :, g.head_len :] = rotate(k[:, :, g.head_len :], g.tail_cos, g.tail_sin)
+            kh, vh = gather(k_pool, g.head_slots), gather(v_pool, g.head_slots)  # [kvh, J, Lh, d]
+            kt, vt = gather(k_pool, g.tail_slots), gather(v_pool, g.tail_slots)  # [kvh, R, Lt, d]
+            if kt.shape[2]:
+                kt = rotate(kt, g.tail_cos, g.tail_sin)
             qg = q.index_select(0, g.query_index).view(g.rows, g.tokens, heads, dim)
-            attend = decode_attention if g.tokens <= SHORT_ROW_TOKENS else prefill_attention
-            o = attend(qg, k, v, g.mask, scale).reshape(g.rows * g.tokens, heads, dim)
-            out.index_copy_(0, g.dst, o.index_select(0, g.src))
+            if g.tokens <= SHORT_ROW_TOKENS:
+                o = decode_attention(qg, (kh, vh), (kt, vt), g, scale)
+            else:  # one long row: its head is its own
+                k, v = torch.cat([kh, kt], dim=2), torch.cat([vh, vt], dim=2)
+                o = prefill_attention(qg, k, v, g.mask, scale)
+            out.index_copy_(0, g.dst, o.reshape(g.rows * g.tokens, heads, dim).index_select(0, g.src))
         return out
 
 
-def gather(pool: torch.Tensor, g: GroupPlan) -> torch.Tensor:
-    """The group's keys (or values) as [kv_heads, R, L, d]: one index_select over the head-major storage
-    (``pool`` is a [slots, kv_heads, d] view of it, see ModelRunner)."""
+def gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Keys (or values) at ``slots`` [B, L] as [kv_heads, B, L, d]: one index_select over the head-major
+    storage (``pool`` is a [slots, kv_heads, d] view of it, see ModelRunner)."""
     by_head = pool.transpose(0, 1)  # [kvh, slots, d]
-    return by_head.index_select(1, g.key_slots.flatten()).view(by_head.shape[0], g.rows, -1, by_head.shape[2])
+    return by_head.index_select(1, slots.flatten()).view(by_head.shape[0], *slots.shape, by_head.shape[2])
 
 
 def prefill_attention(
@@ -213,23 +231,37 @@ def prefill_attention(
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    head: tuple[torch.Tensor, torch.Tensor],
+    tail: tuple[torch.Tensor, torch.Tensor],
+    g: GroupPlan,
+    scale: float,
 ) -> torch.Tensor:
-    """Few queries per row: two batched matmuls and a float32 softmax. On the CPU, SDPA's flash kernel
-    with a mask costs ~20x this for decode shapes (it tiles for long query blocks), and was half of a
-    bfloat16 step. Each KV head's query heads are stacked with the row's tokens, as GQA shares keys;
-    [kvh, R] is the batch, so the [kvh, R, L, d] keys are used as they are."""
+    """Few queries per row: batched matmuls and one float32 softmax over head and tail scores. A KV
+    head's query heads are stacked with the row's tokens (GQA shares keys), and a job's rows are stacked
+    again over its shared head, which is read once per job. (On the CPU, SDPA's flash kernel with a mask
+    costs ~20x this for decode shapes.)"""
+    (kh, vh), (kt, vt) = head, tail
     rows, tokens, heads, dim = q.shape
-    kv_heads = k.shape[0]
+    kv_heads = kh.shape[0]
     group = heads // kv_heads
     qs = q.view(rows, tokens, kv_heads, group, dim).permute(2, 0, 3, 1, 4).reshape(kv_heads, rows, -1, dim)
-    scores = torch.matmul(qs, k.transpose(-1, -2)).float() * scale  # [kvh, R, g*T, L]
+    seated = qs.new_zeros(kv_heads, g.jobs * g.width, group * tokens, dim)
+    seated[:, g.seat] = qs
+    seated = seated.view(kv_heads, g.jobs, -1, dim)  # [kvh, J, W*g*T, d]
+    head_scores = torch.matmul(seated, kh.transpose(-1, -2))  # [kvh, J, W*g*T, Lh]
+    lh = kh.shape[2]
+    head_scores = head_scores.view(kv_heads, g.jobs * g.width, -1, lh)[:, g.seat]  # [kvh, R, g*T, Lh]
+    scores = torch.cat([head_scores, torch.matmul(qs, kt.transpose(-1, -2))], dim=-1).float() * scale
     keys = scores.shape[-1]
     scores.view(kv_heads, rows, group, tokens, keys).masked_fill_(
-        ~mask.view(1, rows, 1, tokens, keys), float("-inf")
+        ~g.mask.view(1, rows, 1, tokens, keys), float("-inf")
     )
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    o = torch.matmul(probs, v)  # [kvh, R, g*T, d]
+    probs = torch.softmax(scores, dim=-1).to(vh.dtype)
+    head_probs = probs.new_zeros(kv_heads, g.jobs * g.width, group * tokens, lh)
+    head_probs[:, g.seat] = probs[..., :lh]
+    o = torch.matmul(head_probs.view(kv_heads, g.jobs, -1, lh), vh)  # [kvh, J, W*g*T, d]
+    o = o.view(kv_heads, g.jobs * g.width, -1, dim)[:, g.seat] + torch.matmul(probs[..., lh:], vt)
     return o.view(kv_heads, rows, group, tokens, dim).permute(1, 3, 0, 2, 4)
 
 
