@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,6 +76,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     info: dict[str, Any] = {
+        "commit": COMMIT,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
@@ -91,6 +93,23 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda
         )
     return info
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with ``+dirty`` when files differ from it: the engine changes quickly."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+COMMIT = _commit()  # when the code was imported, which is the code that ran
 
 
 def now(device: torch.device) -> float:

@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 from engine import Engine
+from engine.engine import DTYPES, default_dtype
 
 SHAPES: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]] = {
     "tiny": (
@@ -87,7 +88,6 @@ SHAPES: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]] = {
         ),
     ),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +99,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other work",
     )
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on the CPU, bfloat16 on GPU"
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: the engine's for the device"
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the embedded model)")
@@ -113,8 +113,7 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    default = torch.float32 if device.type == "cpu" else torch.bfloat16
-    return device, DTYPES[args.dtype] if args.dtype else default
+    return device, DTYPES[args.dtype] if args.dtype else default_dtype(device)
 
 
 def shape_config(name: str) -> PretrainedConfig:
