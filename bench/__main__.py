@@ -1,4 +1,4 @@
-"""``python -m bench {engine,jobs,attention,serve} [...]``: each prints a table, writes JSON under
+"""``python -m bench {engine,jobs,prefill,attention,serve} [...]``: each prints a table, writes JSON under
 bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a subcommand lists its flags."""
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ import argparse
 import sys
 from types import ModuleType
 
-from bench import attention_bench, engine_bench, jobs_bench, serve_bench
+from bench import attention_bench, engine_bench, jobs_bench, prefill_bench, serve_bench
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "engine": (engine_bench, "Hogwild decode vs transformers generate and vs independent jobs"),
     "jobs": (jobs_bench, "concurrent Hogwild jobs in one engine (continuous batching)"),
+    "prefill": (prefill_bench, "inter-token latency of running jobs while a long prompt is admitted"),
     "attention": (attention_bench, "the Hogwild attention op alone vs plain decode attention"),
     "serve": (serve_bench, "load against a running server over HTTP"),
 }

@@ -66,6 +66,22 @@ def measure(
     return before, during, len(during), ttft
 
 
+def plot(figures: list[Figure], path: Any) -> None:
+    def draw(axes: Any) -> None:
+        (ax,) = axes
+        labels = [str(f.prefill_chunk or "none") for f in figures]
+        x = range(len(figures))
+        ax.bar([i - 0.2 for i in x], [f.itl_before_ms["p50"] for f in figures], 0.2, label="before, p50")
+        ax.bar(list(x), [f.itl_during_ms["p50"] for f in figures], 0.2, label="during admission, p50")
+        ax.bar([i + 0.2 for i in x], [f.itl_during_ms["p99"] for f in figures], 0.2, label="during, p99")
+        ax.set_xticks(list(x), labels)
+        ax.set_xlabel("prefill chunk (tokens per step)")
+        ax.set_ylabel("inter-token latency of running jobs, ms")
+        ax.set_yscale("log")
+
+    common.save_plot(draw, path)
+
+
 def main(args: argparse.Namespace) -> int:
     device, dtype = models.device_and_dtype(args)
     loaded = models.load(args, materialize=False)
@@ -115,8 +131,11 @@ def main(args: argparse.Namespace) -> int:
         "prompt_tokens": args.prompt_tokens,
         "running": args.running,
     }
+    path = common.output_path(args, f"prefill_{device.type}")
+    if args.plot:
+        plot(figures, path)
     common.write_result(
-        common.output_path(args, f"prefill_{device.type}"),
+        path,
         device,
         config,
         __doc__ or "",

@@ -63,6 +63,16 @@ def test_jobs(tmp_path: Path) -> None:
             assert 0 < row[stat]["p50"] <= row[stat]["p99"]
 
 
+def test_prefill(tmp_path: Path) -> None:
+    record = run_bench(tmp_path, "prefill --shape tiny --prompt-tokens 200 --chunks 64 0 --warmup-steps 2")
+    chunked, whole = record["results"]
+    assert (chunked["prefill_chunk"], whole["prefill_chunk"]) == (64, 0)
+    assert chunked["admission_steps"] > whole["admission_steps"] >= 1  # the chunks are steps of their own
+    for row in (chunked, whole):
+        positive(row, "long_ttft_s")
+        assert row["itl_before_ms"]["p50"] > 0 and row["itl_during_ms"]["p99"] > 0
+
+
 def test_attention(tmp_path: Path) -> None:
     record = run_bench(
         tmp_path,
