@@ -100,9 +100,11 @@ SENTENCE_ENDS = (".", "?", "!", ":", "...", "。")
 
 
 def ends_step(step_text: str, last_token_text: str) -> bool:
-    """A step ends at a token holding a paragraph break that follows a finished sentence, outside code
-    and display math (so a step never splits a block the others would then read half of)."""
-    if "\n\n" not in last_token_text:
+    """A step ends at a token that completes a paragraph break after a finished sentence, outside code
+    and display math (so a step never splits a block the others would then read half of). Tokenizers
+    write the break as one token or as two single newlines; both count."""
+    completes_break = "\n" in last_token_text and step_text.endswith("\n\n")
+    if "\n\n" not in last_token_text and not completes_break:
         return False
     before = step_text[: step_text.rfind("\n\n")].rstrip()
     if not before.endswith(SENTENCE_ENDS):

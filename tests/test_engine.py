@@ -215,6 +215,8 @@ def test_step_rule() -> None:
     assert ends_step("So x = 2.\n\n", "\n\n")
     assert ends_step("Done!\n\n", "!\n\n")
     assert not ends_step("So x = 2\n\n", "\n\n")  # no sentence end
+    assert ends_step("So x = 2.\n\n", "\n")  # the break written as two newline tokens
+    assert not ends_step("So x = 2.\n", "\n")  # only a line break so far
     assert not ends_step("See:\n```\ncode.\n\n", "\n\n")  # open code block
     assert not ends_step("$$x = 1.\n\n", "\n\n")  # open display math
     assert not ends_step("Hello.", ".")
