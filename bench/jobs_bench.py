@@ -14,6 +14,7 @@ every job). The clock is the engine's own: a job's ``created``, ``first_token_at
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class Figure:
     tokens: int
     latency_s: dict[str, float]  # mean, p50, p99
     ttft_s: dict[str, float]
+    decode_tokens_per_s: float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,8 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(eng: Any, prompt: str, concurrency: int, workers: int, tokens: int) -> Figure:
     steps_before = eng.steps
     jobs = [submit(eng, prompt, workers, tokens) for _ in range(concurrency)]
+    decode_tokens, decode_seconds = 0, 0.0
     while not all(job.ended for job in jobs):
+        steady = all(job.status == "running" for job in jobs)
+        before = sum(job.usage["completion_tokens"] for job in jobs)
+        start = time.perf_counter()
         eng.step()
+        if steady and all(job.status == "running" for job in jobs):
+            decode_seconds += time.perf_counter() - start
+            decode_tokens += sum(job.usage["completion_tokens"] for job in jobs) - before
     bad = [job for job in jobs if job.status != "finished"]
     if bad:
         raise RuntimeError(f"job {bad[0].status}: {bad[0].error}")
@@ -67,6 +76,7 @@ def run(eng: Any, prompt: str, concurrency: int, workers: int, tokens: int) -> F
         tokens=generated,
         latency_s=common.summary([job.finished_at - job.created for job in jobs]),
         ttft_s=common.summary([job.first_token_at - job.created for job in jobs]),
+        decode_tokens_per_s=decode_tokens / decode_seconds if decode_seconds else 0.0,
     )
 
 
@@ -94,11 +104,12 @@ def main(args: argparse.Namespace) -> int:
     prompt = common.make_prompt(args.prompt_tokens, loaded.tokenizer)
     prompt_len = len(loaded.tokenizer.encode(prompt, add_special_tokens=False))
     widest = max(args.concurrency)
-    # Room for every job at once, instructions and forced headers included.
+    # Room for every job at once, instructions and forced headers included (4096 covers the instructions
+    # even in the byte tokenizer of random-weight shapes); a job left waiting would spoil the steady state.
     eng = loaded.engine(
         device,
         attention=args.attention,
-        kv_tokens=widest * (prompt_len + 1024 + args.workers * 2 * args.tokens),
+        kv_tokens=widest * (prompt_len + 4096 + args.workers * 2 * args.tokens),
         max_running_jobs=max(widest, EngineOptions.max_running_jobs),
     )
     floor = models.weight_floor(eng)
@@ -111,11 +122,20 @@ def main(args: argparse.Namespace) -> int:
     common.print_table(
         f"{loaded.label}, {dtype}, {device}: {args.workers}-worker jobs, {args.tokens} tokens/worker, "
         f"{len(eng.prompt_ids(prompt, args.workers))} prompt tokens; {floor.describe()}",
-        ["concurrent jobs", "tokens/s", "step ms", "step/floor", "latency s mean/p50/p99", "TTFT s"],
+        [
+            "concurrent jobs",
+            "tokens/s",
+            "decode tokens/s",
+            "step ms",
+            "step/floor",
+            "latency s mean/p50/p99",
+            "TTFT s",
+        ],
         [
             [
                 str(f.concurrency),
                 common.fmt(f.tokens_per_s),
+                common.fmt(f.decode_tokens_per_s),
                 common.fmt(f.step_ms, 2),
                 common.fmt(f.step_ms / floor.ms, 1, "x"),
                 common.fmt_summary(f.latency_s, 2),

@@ -52,12 +52,12 @@ def test_engine(tmp_path: Path) -> None:
 
 
 def test_jobs(tmp_path: Path) -> None:
-    record = run_bench(tmp_path, "jobs --shape tiny --concurrency 1 3 --tokens 4 --prompt-tokens 32")
+    record = run_bench(tmp_path, "jobs --shape tiny --concurrency 1 3 --tokens 48 --prompt-tokens 32")
     rows = record["results"]
     assert [r["concurrency"] for r in rows] == [1, 3]
     for row in rows:
-        positive(row, "tokens_per_s", "step_ms", "seconds", "steps")
-        assert row["tokens"] == row["concurrency"] * 2 * 4  # EOS is suppressed: every worker writes 4
+        positive(row, "tokens_per_s", "step_ms", "seconds", "steps", "decode_tokens_per_s")
+        assert row["tokens"] == row["concurrency"] * 2 * 48  # EOS is suppressed: every worker writes 48
         for stat in ("latency_s", "ttft_s"):
             assert row[stat].keys() == {"mean", "p50", "p99"}
             assert 0 < row[stat]["p50"] <= row[stat]["p99"]
