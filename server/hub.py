@@ -4,6 +4,7 @@ when the engine goes away."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Coroutine
@@ -15,6 +16,10 @@ from server.jobs import JobRecord, JobStore, WorkerState
 from server.metrics import Metrics
 from server.settings import Settings
 
+log = logging.getLogger("hogwild.server")
+RESTART_DELAY_S = 1.0  # a dead engine is restarted after this, doubling while restarts fail
+MAX_RESTART_DELAY_S = 30.0
+
 
 class Hub:
     def __init__(self, settings: Settings, metrics: Metrics):
@@ -25,6 +30,7 @@ class Hub:
         self.engine_error: str | None = "the engine is starting"
         self._last_token: dict[tuple[str, int], float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Fire and forget (a cancel from a stream's cleanup), holding the task until it is done."""
@@ -59,6 +65,7 @@ class Hub:
 
     async def stop(self) -> None:
         """Graceful: the engine cancels what is open, so every stream gets its done event."""
+        self.stopping = True
         if self.client is not None:
             await self.client.close()
         self.store.fail_open("the server is shutting down")
@@ -132,3 +139,21 @@ class Hub:
         self.engine_error = reason
         self.metrics.engine_up.set(0)
         self.store.fail_open(f"the engine stopped: {reason}")
+        if not self.stopping:
+            self.background(self._restart(reason))
+
+    async def _restart(self, reason: str) -> None:
+        """Start a new engine, backing off while starts fail; /ready says 503 with the reason meanwhile."""
+        delay = RESTART_DELAY_S
+        while not self.stopping:
+            self.engine_error = f"{reason}; restarting the engine"
+            await asyncio.sleep(delay)
+            try:
+                await self.start()
+            except Exception as exc:
+                log.error("engine restart failed: %s", exc)
+                reason, delay = f"the engine failed to restart: {exc}", min(2 * delay, MAX_RESTART_DELAY_S)
+                continue
+            self.metrics.restarts.inc()
+            log.warning("engine restarted after: %s", reason)
+            return

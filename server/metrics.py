@@ -18,6 +18,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.engine_up = Gauge("hogwild_engine_up", "1 while the engine process is alive", registry=r)
+        self.restarts = Counter("hogwild_engine_restarts", "engines restarted after dying", registry=r)
         self.jobs_running = Gauge("hogwild_jobs_running", "jobs being decoded", registry=r)
         self.jobs_queued = Gauge("hogwild_jobs_queued", "jobs waiting for pages", registry=r)
         self.pages_total = Gauge("hogwild_pool_pages_total", "pages in the KV pool", registry=r)

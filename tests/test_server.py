@@ -258,7 +258,9 @@ def test_a_full_queue_answers_429_and_waiting_streams_keep_alive(
             assert http.delete(f"/v1/jobs/{job.json()['id']}").json()["status"] == "cancelled"
 
 
-def test_engine_death_is_reported_and_open_streams_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_engine_death_is_reported_open_streams_end_and_the_engine_restarts(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     with running_server(tiny_model_dir, tmp_path) as server, api(server) as http:
         job = submit(http, max_tokens=1000)
         with http.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
@@ -269,11 +271,17 @@ def test_engine_death_is_reported_and_open_streams_end(tiny_model_dir: Path, tmp
         assert [e["event"] for e in rest[-2:]] == ["error", "done"]
         assert "SIGKILL" in rest[-2]["data"]["message"]
         assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "failed"
-        ready = httpx.get(f"{server.url}/ready")
+        ready = httpx.get(f"{server.url}/ready")  # a new engine needs seconds to load its model
         assert ready.status_code == 503 and "SIGKILL" in ready.json()["reason"]
         assert httpx.get(f"{server.url}/health").status_code == 200
-        refused = http.post("/v1/jobs", json={"prompt": "q"})
-        assert refused.status_code == 503
+        assert http.post("/v1/jobs", json={"prompt": "q"}).status_code == 503
+        deadline = time.monotonic() + WAIT_S
+        while httpx.get(f"{server.url}/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the engine was not restarted"
+            time.sleep(0.2)
+        again = submit(http, max_tokens=8)
+        assert wait_for(http, again["id"], ("finished",))["usage"]["completion_tokens"] > 0
+        assert "hogwild_engine_restarts_total 1.0" in httpx.get(f"{server.url}/metrics").text
 
 
 def test_sigterm_ends_open_streams_with_done_and_exits(tiny_model_dir: Path, tmp_path: Path) -> None:
