@@ -107,9 +107,13 @@ class EngineClient:
         if self.dead is not None:
             raise EngineUnavailable(self.dead)
         req = next(self._numbers)
+        try:
+            message = protocol.pack({"type": kind, "req": req, **fields})
+        except (OverflowError, TypeError, ValueError) as exc:  # e.g. an integer msgpack cannot hold
+            raise EngineRefused(protocol.INVALID, f"cannot send the request: {exc}") from exc
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req] = future
-        self.writer.write(protocol.pack({"type": kind, "req": req, **fields}))
+        self.writer.write(message)
         try:
             await self.writer.drain()
         except OSError as exc:

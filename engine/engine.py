@@ -191,8 +191,10 @@ class Engine:
             raise InvalidRequest("layout", f"layout must be one of {', '.join(LAYOUTS)}")
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.options.max_tokens:
             raise InvalidRequest("max_tokens", f"max_tokens must be between 1 and {self.options.max_tokens}")
-        if quick_check_every < 0:
-            raise InvalidRequest("quick_check_every", "quick_check_every must be >= 0")
+        if not isinstance(quick_check_every, int) or quick_check_every < 0:
+            raise InvalidRequest("quick_check_every", "quick_check_every must be an integer >= 0")
+        if seed is not None and (not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+            raise InvalidRequest("seed", "seed must be an integer in [-2**63, 2**64)")
         bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
         if any(not 0 <= t < self.shape.vocab_size for t, _ in bias):
             raise InvalidRequest(
@@ -205,6 +207,8 @@ class Engine:
         if len(self.queue) >= self.options.max_queued_jobs:
             raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
         stops = tuple([stop] if isinstance(stop, str) else stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise InvalidRequest("stop", "stop must be a non-empty string or a list of them")
         opts = JobOptions(
             workers=workers,
             layout=layout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,12 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), as in OpenAI's API
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise InvalidRequest("temperature", "temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise InvalidRequest("temperature", "temperature must be a finite number >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise InvalidRequest("top_p", "top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise InvalidRequest("top_k", "top_k must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequest("top_k", "top_k must be an integer >= 0")
         if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
             raise InvalidRequest("logit_bias", "logit_bias values must be between -100 and 100")
 

@@ -79,13 +79,17 @@ class EngineService:
         try:
             conn.unpacker.feed(data)
             for message in conn.unpacker:
+                if conn.sock not in self.connections:  # dropped while answering an earlier message
+                    return
                 self._handle(conn, message)
-        except Exception as exc:  # malformed input: this front end is cut off, the others go on
+        except Exception as exc:  # undecodable bytes: this front end is cut off, the others go on
             log.warning("dropping a front end that sent a bad message: %s", exc)
             self._drop(conn)
 
     def _drop(self, conn: Connection) -> None:
         """The front end went away: nobody will read its jobs' events, so cancel them and free pages."""
+        if self.connections.get(conn.sock) is not conn:  # already dropped
+            return
         for job_id in conn.jobs:
             self.engine.cancel(job_id)
             self.owner.pop(job_id, None)
@@ -103,9 +107,22 @@ class EngineService:
 
     # -- commands -----------------------------------------------------------------------------------
 
-    def _handle(self, conn: Connection, message: dict[str, Any]) -> None:
-        kind, req = message.get("type"), message.get("req")
-        reply: dict[str, Any] = {"type": "reply", "req": req, "ok": True}
+    def _handle(self, conn: Connection, message: Any) -> None:
+        """Answer one command. A command that fails in any way gets an error reply: the front end and its
+        other jobs go on."""
+        if not isinstance(message, dict):
+            message = {"type": repr(message)[:40]}
+        req = message.get("req")
+        try:
+            reply = self._answer(conn, message)
+        except Exception as exc:
+            log.warning("refused a bad %r command: %s", message.get("type"), exc)
+            reply = {"ok": False, "code": protocol.INVALID, "error": f"{type(exc).__name__}: {exc}"}
+        self._send(conn, {"type": "reply", "req": req, **reply})
+
+    def _answer(self, conn: Connection, message: dict[str, Any]) -> dict[str, Any]:
+        kind = message.get("type")
+        reply: dict[str, Any] = {"ok": True}
         if kind == "submit":
             reply.update(self._submit(conn, message))
         elif kind == "cancel":
@@ -117,15 +134,15 @@ class EngineService:
             reply["result"] = True
         else:
             reply.update(ok=False, code=protocol.INVALID, error=f"unknown command {kind!r}")
-        self._send(conn, reply)
+        return reply
 
     def _submit(self, conn: Connection, message: dict[str, Any]) -> dict[str, Any]:
         if self.stopping:
             return {"ok": False, "code": protocol.SHUTTING_DOWN, "error": "the engine is shutting down"}
         params = dict(message.get("params") or {})
-        if params.get("logit_bias"):
-            params["logit_bias"] = {int(k): v for k, v in params["logit_bias"].items()}
         try:
+            if params.get("logit_bias"):
+                params["logit_bias"] = {int(k): float(v) for k, v in params["logit_bias"].items()}
             job = self.engine.submit(job_id=message.get("job_id"), **params)
         except QueueFullError as exc:
             return {"ok": False, "code": protocol.QUEUE_FULL, "error": str(exc)}
@@ -133,8 +150,8 @@ class EngineService:
             return {"ok": False, "code": protocol.TOO_LONG, "error": str(exc), "field": exc.field}
         except InvalidRequest as exc:
             return {"ok": False, "code": protocol.INVALID, "error": str(exc), "field": exc.field}
-        except TypeError as exc:  # an unknown keyword
-            return {"ok": False, "code": protocol.INVALID, "error": str(exc)}
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # unknown keywords, wrong shapes
+            return {"ok": False, "code": protocol.INVALID, "error": f"{type(exc).__name__}: {exc}"}
         conn.jobs.add(job.id)
         self.owner[job.id] = conn
         return {

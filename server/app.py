@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -52,17 +52,33 @@ class BodyLimit:
             too_large = ApiError(413, f"request body over {self.limit} bytes", "too_large")
             await too_large.response()(scope, receive, send)
             return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        if declared is not None:  # the server reads no more than Content-Length: checked above
+            await self.app(scope, receive, send)
+            return
+        # A chunked body: read it here, up to the limit, and hand the app the whole of it.
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, f"request body over {self.limit} bytes", "too_large")
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                too_large = ApiError(413, f"request body over {self.limit} bytes", "too_large")
+                await too_large.response()(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        await self.app(scope, counted, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect a stream listens for
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -178,7 +194,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @v1.get("/jobs")
-    async def list_jobs(limit: int = 50) -> dict[str, Any]:
+    async def list_jobs(limit: int = Query(50, ge=0, le=10_000)) -> dict[str, Any]:
         return {"object": "list", "data": [r.to_dict(hub.model_name) for r in hub.store.recent(limit)]}
 
     @v1.get("/jobs/{job_id}")

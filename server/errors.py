@@ -13,6 +13,7 @@ from engine.protocol import INVALID, NOT_FOUND, QUEUE_FULL, SHUTTING_DOWN, TOO_L
 
 STATUS_BY_CODE = {INVALID: 422, TOO_LONG: 413, QUEUE_FULL: 429, NOT_FOUND: 404, SHUTTING_DOWN: 503}
 RETRY_AFTER_S = "2"
+UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 class ApiError(Exception):
@@ -49,7 +50,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        if first.get("type") == "json_invalid":
+            return ApiError(
+                422, f"the body is not valid JSON: {first['msg']}", "invalid_request_error"
+            ).response()
+        # Union members show up in the location as type names ("stop.str"): the field is what users wrote.
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and p not in UNION_MEMBERS]
+        field = ".".join(p for p in loc if "[" not in p) or None
         message = f"{field}: {first['msg']}" if field else str(first["msg"])
         return ApiError(422, message, "invalid_request_error", field).response()
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.client import EngineClient, EngineRefused, EngineUnavailable
 from engine.collab import worker_name
+from engine.protocol import INVALID
 from server.jobs import JobRecord, JobStore, WorkerState
 from server.metrics import Metrics
 from server.settings import Settings
@@ -81,8 +82,11 @@ class Hub:
         """Queue a job. The record exists before the engine is asked, since its first events can arrive
         in the same read as the reply."""
         client = self.engine()
+        count, most = params.get("workers", 2), int(self.info.get("max_workers", 0))
+        if not 1 <= count <= most:  # checked here too: the record holds one state per worker
+            raise EngineRefused(INVALID, f"workers must be between 1 and {most}", "workers")
         job_id = f"job-{uuid.uuid4().hex[:16]}"
-        workers = [WorkerState(i, worker_name(i)) for i in range(int(params.get("workers", 2)))]
+        workers = [WorkerState(i, worker_name(i)) for i in range(count)]
         record = JobRecord(job_id, options, workers, prompt=params["prompt"])
         self.store.add(record)
         try:

@@ -111,7 +111,7 @@ class JobRecord:
 
     async def follow(self, after: int = -1) -> AsyncIterator[SseEvent]:
         """Events with seq > ``after``, live until the job ends."""
-        index = after + 1
+        index = max(after, -1) + 1
         while True:
             changed = self.changed
             while index < len(self.events):

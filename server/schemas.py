@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+INT32 = 2**31 - 1  # bounds for counts: the engine checks its own, smaller limits and names them
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -18,14 +20,16 @@ class Message(BaseModel):
 class HogwildOptions(BaseModel):
     """How the workers collaborate and sample: shared by the jobs API and the OpenAI route."""
 
-    workers: int = 2
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    workers: int = Field(2, ge=1, le=INT32)
     layout: str = "combined"
     temperature: float = 0.0
     top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    top_k: int = Field(0, ge=0, le=INT32)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
-    quick_check_every: int = 1024
+    quick_check_every: int = Field(1024, ge=0, le=INT32)
     finisher: bool = True
 
     def sampling_params(self) -> dict[str, Any]:
@@ -37,7 +41,7 @@ class JobRequest(HogwildOptions):
 
     prompt: str | None = None
     messages: list[Message] | None = None
-    max_tokens: int = 512
+    max_tokens: int = Field(512, ge=1, le=INT32)
     stream: bool = False
     detach: bool = False
 
@@ -83,14 +87,15 @@ class ChatRequest(HogwildOptions):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = 1.0
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     def engine_params(self, default_max_tokens: int) -> dict[str, Any]:
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        given = [n for n in (self.max_completion_tokens, self.max_tokens) if n is not None]
+        max_tokens = given[0] if given else default_max_tokens
         return {
             "prompt": [m.plain() for m in self.messages],
             "max_tokens": max_tokens,

@@ -164,6 +164,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def abuse(address: str) -> None:
+    """Bad commands on a raw socket, each answered with an error; then a flood, and a hang-up mid-reply."""
+    host, port = address.rsplit(":", 1)
+    bad: list[Any] = [
+        [1, 2, 3],
+        {"type": "submit", "req": 1, "params": "abc"},
+        {"type": "submit", "req": 2, "params": {"prompt": [{"role": "user"}]}},
+        {"type": "submit", "req": 3, "params": {"prompt": "q", "logit_bias": {"x": 1}}},
+        {"type": "submit", "req": 4, "params": {"prompt": "q", "top_k": 1.5}},
+        {"type": "submit", "req": 5, "params": {"prompt": "q", "temperature": float("nan")}},
+        {"type": "launch", "req": 6},
+    ]
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"".join(protocol.pack(m) for m in bad))
+        unpacker, replies = protocol.unpacker(), list[dict[str, Any]]()
+        while len(replies) < len(bad) and (data := sock.recv(1 << 16)):  # b"": the engine hung up
+            unpacker.feed(data)
+            replies += [m for m in unpacker if m["type"] == "reply"]
+        assert [r["ok"] for r in replies] == [False] * len(bad)
+        assert {r["code"] for r in replies} == {protocol.INVALID}
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"".join(protocol.pack({"type": "stats", "req": i}) for i in range(20_000)))
+
+
 def test_standalone_engine_over_loopback_tcp(tiny_model_dir: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
@@ -179,6 +203,7 @@ def test_standalone_engine_over_loopback_tcp(tiny_model_dir: Path) -> None:
             except EngineUnavailable:
                 await asyncio.sleep(0.1)
         assert client.info["max_workers"] >= 2
+        abuse(address)  # a misbehaving front end gets error replies and cannot take the engine down
         await client.submit("tcp-job", {"prompt": "What is 2 + 2?", "workers": 2, "max_tokens": 8})
         await asyncio.wait_for(rec.ended["tcp-job"].wait(), 120)
         events = rec.events["tcp-job"]

@@ -121,6 +121,7 @@ def test_last_event_id_resumes_exactly_and_ended_jobs_replay(http: httpx.Client)
     assert rest == full[cut:]
     assert events_of(http, job["id"]) == full  # a replay of the ended job, then the stream closes
     assert events_of(http, job["id"], last=len(full) - 1) == []
+    assert events_of(http, job["id"], last=-5) == full  # before the first event: everything, once
 
 
 def test_post_with_stream_answers_with_the_stream(http: httpx.Client) -> None:
@@ -162,6 +163,10 @@ def test_a_streaming_client_that_hangs_up_cancels_its_job_unless_detached(http: 
         ({"messages": [{"role": "user", "content": "hi"}]}, 422, None),  # prompt and messages both
         ({"messages": [{"role": "robot", "content": "hi"}], "prompt": None}, 422, "messages.0.role"),
         ({"prompt": "long " * 3000, "workers": 4, "max_tokens": 500}, 413, "prompt"),
+        ({"workers": 10**30}, 422, "workers"),  # refused before anything is built per worker
+        ({"max_tokens": 10**30}, 422, "max_tokens"),
+        ({"seed": 2**64}, 422, "seed"),
+        ({"stop": [1, 2]}, 422, "stop"),
     ],
 )
 def test_bad_input_gets_a_4xx_naming_the_field(
@@ -174,10 +179,23 @@ def test_bad_input_gets_a_4xx_naming_the_field(
 
 
 def test_malformed_requests(http: httpx.Client, server: ServerProcess) -> None:
-    r = http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
-    r = http.post("/v1/jobs", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+    json_type = {"content-type": "application/json"}
+    r = http.post("/v1/jobs", content=b"{not json", headers=json_type)
+    assert r.status_code == 422 and r.json()["error"]["field"] is None
+    for value in (b"NaN", b"Infinity"):  # Python's JSON parser accepts them; sampling must not see them
+        r = http.post(
+            "/v1/jobs", content=b'{"prompt": "hi", "temperature": ' + value + b"}", headers=json_type
+        )
+        assert r.status_code == 422 and r.json()["error"]["field"] == "temperature"
+    r = http.post("/v1/jobs", content=b"x" * 2_000_000, headers=json_type)
     assert r.status_code == 413
+    chunked = (b"x" * 100_000 for _ in range(20))  # no Content-Length: counted as it arrives
+    assert http.post("/v1/jobs", content=chunked, headers=json_type).status_code == 413
+    assert http.get("/v1/jobs", params={"limit": -1}).status_code == 422
+    r = http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}
+    )
+    assert r.status_code == 422 and r.json()["error"]["field"] == "max_tokens"
     assert http.get("/v1/jobs/job-nope").status_code == 404
     assert http.delete("/v1/jobs/job-nope").status_code == 404
     assert http.get("/v1/jobs/job-nope/events").status_code == 404
