@@ -32,9 +32,11 @@ from server.metrics import Metrics
 from server.openai_api import openai_routes
 from server.schemas import JobRequest
 from server.settings import Settings
+from server.streams import event_source
 
 log = logging.getLogger("hogwild.server")
 STATIC = Path(__file__).parent / "static"
+CANCEL_WAIT_S = 5.0  # DELETE waits this long per engine message for the job's done event
 
 
 class BodyLimit:
@@ -176,12 +178,8 @@ def create_app(settings: Settings) -> FastAPI:
                 if cancel_on_disconnect and not record.ended:  # the client went away mid-job
                     hub.background(hub.cancel(record))
 
-        return EventSourceResponse(
-            events(),
-            ping=settings.keepalive_s,
-            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
-            headers={"X-Job-Id": record.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        headers = {"X-Job-Id": record.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return event_source(events(), settings.keepalive_s, headers)
 
     @v1.post("/jobs", status_code=201, response_model=None)
     async def create_job(body: JobRequest, request: Request) -> Response | dict[str, Any]:
@@ -204,15 +202,11 @@ def create_app(settings: Settings) -> FastAPI:
     @v1.delete("/jobs/{job_id}")
     async def cancel_job(job_id: str) -> dict[str, Any]:
         record = record_of(job_id)
-        if not record.ended:
-            changed = record.changed
-            await hub.cancel(record)
-            # The engine frees the job at once and its done event follows on the next message.
-            with contextlib.suppress(asyncio.TimeoutError):
-                while not record.ended:
-                    await asyncio.wait_for(changed.wait(), 5)
-                    changed = record.changed
-        return record_of(job_id).to_dict(hub.model_name)
+        await hub.cancel(record)
+        # The engine frees the job at once and its done event follows on the next message.
+        while not record.ended and await record.changed_within(CANCEL_WAIT_S):
+            pass
+        return record.to_dict(hub.model_name)
 
     @v1.get("/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> EventSourceResponse:

@@ -91,12 +91,10 @@ class Hub:
         self.store.add(record)
         try:
             result = await client.submit(job_id, params)
-        except EngineRefused as exc:
+        except Exception as exc:
             self.store.remove(job_id)
-            self.metrics.rejected.labels(exc.code).inc()
-            raise
-        except Exception:
-            self.store.remove(job_id)
+            if isinstance(exc, EngineRefused):
+                self.metrics.rejected.labels(exc.code).inc()
             raise
         record.prompt_tokens = result["prompt_tokens"]
         return record

@@ -109,6 +109,14 @@ class JobRecord:
         old, self.changed = self.changed, asyncio.Event()
         old.set()
 
+    async def changed_within(self, seconds: float) -> bool:
+        """Wait for the next change to this job; False if none came within ``seconds``."""
+        try:
+            await asyncio.wait_for(self.changed.wait(), seconds)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def follow(self, after: int = -1) -> AsyncIterator[SseEvent]:
         """Events with seq > ``after``, live until the job ends."""
         index = max(after, -1) + 1

@@ -9,7 +9,6 @@ body, which is what ``extra_body`` does. ``max_tokens`` is per worker. Finish re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -17,12 +16,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.errors import ApiError
 from server.hub import Hub
 from server.jobs import JobRecord
 from server.schemas import ChatRequest
+from server.streams import event_source
 
 DEFAULT_MAX_TOKENS = 512
 DISCONNECT_POLL_S = 1.0
@@ -62,11 +61,7 @@ def openai_routes(hub: Hub) -> APIRouter:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(
-                chunks(hub, record, completion_id, include_usage),
-                ping=hub.settings.keepalive_s,
-                ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
-            )
+            return event_source(chunks(hub, record, completion_id, include_usage), hub.settings.keepalive_s)
         await wait_or_cancel(hub, record, request)
         if record.status == "failed":
             raise ApiError(500, f"the job failed: {record.error}", "engine_error")
@@ -96,13 +91,9 @@ def openai_routes(hub: Hub) -> APIRouter:
 async def wait_or_cancel(hub: Hub, record: JobRecord, request: Request) -> None:
     """Wait for the job to end; a client that hangs up meanwhile cancels it."""
     while not record.ended:
-        changed = record.changed
-        try:
-            await asyncio.wait_for(changed.wait(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                await hub.cancel(record)
-                return
+        if not await record.changed_within(DISCONNECT_POLL_S) and await request.is_disconnected():
+            await hub.cancel(record)
+            return
 
 
 async def chunks(hub: Hub, record: JobRecord, completion_id: str, include_usage: bool) -> AsyncIterator[str]:
