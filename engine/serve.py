@@ -150,8 +150,6 @@ class EngineService:
             return {"ok": False, "code": protocol.TOO_LONG, "error": str(exc), "field": exc.field}
         except InvalidRequest as exc:
             return {"ok": False, "code": protocol.INVALID, "error": str(exc), "field": exc.field}
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # unknown keywords, wrong shapes
-            return {"ok": False, "code": protocol.INVALID, "error": f"{type(exc).__name__}: {exc}"}
         conn.jobs.add(job.id)
         self.owner[job.id] = conn
         return {
