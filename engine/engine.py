@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.events import Event
 from engine.job import Job, JobOptions
 from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention
+from engine.layers.linear import cpu_has_bf16_dot, cpu_kernel
 from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
@@ -41,6 +41,7 @@ class EngineOptions:
     max_tokens: int = 32768  # per worker
     max_running_jobs: int = 64
     max_queued_jobs: int = 256
+    cpu_kernel: bool = True  # bfloat16 decode products on CPUs with AVX512-BF16 (engine/layers/linear.py)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -48,11 +49,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     step's matmuls cost about the same for 1 or 8 rows; float32 elsewhere, where bfloat16 is emulated."""
     if device.type == "cuda":
         return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else torch.float32
+    return torch.bfloat16 if cpu_has_bf16_dot() else torch.float32
 
 
 class Engine:
@@ -76,6 +73,10 @@ class Engine:
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_hf_state({k: v.to(self.device) for k, v in state.items()})
         model.eval()
+        if self.options.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            kernel = cpu_kernel()
+            if kernel is not None:
+                model.use_kernel(kernel)
         self.model = model
         self.pool = PagePool(self._num_pages(), self.options.page_size, self.device)
         self.runner = ModelRunner(model, rotary, self.pool, self.options.attention, self.dtype)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine.layers.linear import Kernel, Linear
 from engine.layers.rotary import rotate
 
 
@@ -72,8 +73,8 @@ class Attention(nn.Module):
         self.shape = shape
         self.q_size = shape.num_heads * shape.head_dim
         self.kv_size = shape.num_kv_heads * shape.head_dim
-        self.qkv_proj = nn.Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=False)
+        self.qkv_proj = Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
+        self.o_proj = Linear(self.q_size, shape.hidden_size, bias=False)
         self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.scale = shape.head_dim**-0.5
@@ -99,8 +100,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
-        self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+        self.gate_up_proj = Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
+        self.down_proj = Linear(shape.intermediate_size, shape.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -142,7 +143,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(shape) for _ in range(shape.num_layers)])
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = Linear(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -152,6 +153,13 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, i, step)
         return self.norm(x)
+
+    def use_kernel(self, kernel: Kernel) -> int:
+        """Route the small-batch products of every linear layer whose weight suits it to ``kernel``."""
+        layers = [m for m in self.modules() if isinstance(m, Linear) and m.fits_kernel()]
+        for m in layers:
+            m.kernel = kernel
+        return len(layers)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
