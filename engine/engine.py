@@ -20,7 +20,7 @@ from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.events import Event
 from engine.job import Job, JobOptions
 from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention
-from engine.layers.linear import cpu_has_bf16_dot, cpu_kernel
+from engine.layers.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
 from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
@@ -41,7 +41,7 @@ class EngineOptions:
     max_tokens: int = 32768  # per worker
     max_running_jobs: int = 64
     max_queued_jobs: int = 256
-    cpu_kernel: bool = True  # bfloat16 decode products on CPUs with AVX512-BF16 (engine/layers/linear.py)
+    cpu_kernels: bool = True  # the C++ kernels on CPUs with AVX512-BF16 (engine/layers/cpu_kernels.py)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -55,9 +55,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class Engine:
     def __init__(self, hf_model: Any, tokenizer: Any, device: str | torch.device = "cpu", **options: Any):
         self.options = EngineOptions(**options)
-        self.options.attention = resolve_attention(self.options.attention, torch.device(device))
-        if self.options.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}")
         config = hf_model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model type {config.model_type!r} is not a supported Llama-family model")
@@ -67,16 +64,25 @@ class Engine:
         self.config = config
         state = hf_model.state_dict()
         self.shape = ModelShape.from_config(config, state)
+        self.options.attention = resolve_attention(
+            self.options.attention, self.device, self.dtype, self.shape.head_dim, self.options.cpu_kernels
+        )
+        if self.options.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}")
         rotary = Rotary(config, self.shape.head_dim, self.device)
         with torch.device("meta"):
             model = LlamaModel(self.shape)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_hf_state({k: v.to(self.device) for k, v in state.items()})
         model.eval()
-        if self.options.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            kernel = cpu_kernel()
-            if kernel is not None:
-                model.use_kernel(kernel)
+        opts = self.options
+        if (
+            opts.cpu_kernels
+            and self.device.type == "cpu"
+            and self.dtype == torch.bfloat16
+            and load_cpu_kernels()
+        ):
+            model.use_kernel(torch.ops.hogwild_cpu.linear_bf16)
         self.model = model
         self.pool = PagePool(self._num_pages(), self.options.page_size, self.device)
         self.runner = ModelRunner(model, rotary, self.pool, self.options.attention, self.dtype)

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +214,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: SmolLM2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    kinds: dict[str, Callable[[str], Any]] = {"str": str, "bool": parse_bool}
     for f in dataclasses.fields(EngineOptions):
-        kind = str if f.type in ("str", str) else int
+        kind = kinds.get(str(f.type), int)  # annotations are strings here (PEP 563)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -265,7 +265,7 @@ def test_a_full_queue_answers_429_and_waiting_streams_keep_alive(
     with running_server(tiny_model_dir, tmp_path, *flags) as server, api(server) as http:
         body = {"prompt": "Count.", "max_tokens": 1000, "quick_check_every": 0}
         running, queued, full = (http.post("/v1/jobs", json=body) for _ in range(3))
-        assert full.status_code == 429, full.text
+        assert full.status_code == 429, (http.get(f"/v1/jobs/{running.json()['id']}").text, full.text)
         assert int(full.headers["retry-after"]) > 0
         assert "queue is full" in full.json()["error"]["message"]
         # The queued job says nothing until the running one ends: its stream carries keep-alive comments.

@@ -5,7 +5,7 @@ are stored rotated by their block-local position, the row's queries are rotated 
 Attending to block b, which starts at offset o_b of the view, needs the relative rotation
 ``(R(p) q) . (R(o_b) k~)`` (DESIGN.md section 3).
 
-Three implementations share one interface (``plan`` once per step, ``__call__`` once per layer):
+Four implementations share one interface (``plan`` once per step, ``__call__`` once per layer):
 - ``ReferenceAttention`` walks rows and blocks in Python, rotating the query per block. Obviously right;
   for tests.
 - ``VectorizedAttention`` gathers every row's keys, rotates each gathered key outside ``common`` by its
@@ -13,7 +13,8 @@ Three implementations share one interface (``plan`` once per step, ``__call__`` 
   key against B per-block queries or gathering a query per key, which is larger by the GQA ratio; keys of
   the blocks at offset 0 need no rotation at all), and runs one masked ``scaled_dot_product_attention``
   for all rows at once.
-- ``TritonAttention`` (engine/layers/triton_attention.py) is the fused GPU kernel.
+- ``TritonAttention`` (engine/layers/triton_attention.py) is the fused GPU kernel, and ``CpuAttention`` its
+  C++ twin for the CPU (engine/layers/csrc/attention.cpp); both run the plan of engine/layers/kernel_plan.py.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from engine.layers.cpu_kernels import ATTENTION_HEAD_DIMS, load_cpu_kernels
 from engine.layers.rotary import Rotary, rotate
 
 if TYPE_CHECKING:
+    from engine.layers.kernel_plan import KernelPlan
     from engine.layers.triton_attention import TritonAttention
 
 # Rows with more input tokens than this are attended alone, so that one long prefill chunk does not pad
@@ -265,6 +268,28 @@ def decode_attention(
     return o.view(kv_heads, rows, group, tokens, dim).permute(1, 3, 0, 2, 4)
 
 
+class CpuAttention:
+    """The fused kernel on the CPU; float32 and bfloat16. Larger items than the GPU's: a CPU has few cores
+    to keep busy, and every item's partials cost a merge."""
+
+    def __init__(self, chunk: int = 1024, tile_tokens: int = 64):
+        self.chunk, self.tile_tokens = chunk, tile_tokens
+
+    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
+        from engine.layers.kernel_plan import build_plan
+
+        return build_plan(rows, rotary, self.chunk, self.tile_tokens)
+
+    def __call__(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KernelPlan, scale: float
+    ) -> torch.Tensor:
+        p = plan
+        return torch.ops.hogwild_cpu.attention(
+            q, k_pool, v_pool, p.key_slots, p.piece_start, p.piece_len, p.piece_pos, p.cos, p.sin,
+            p.item_pieces, p.query_index, p.query_pos, p.part, p.part_start, scale, p.parts,
+        )  # fmt: skip
+
+
 def _triton_attention() -> TritonAttention:
     """Imported on first use: triton is optional, and reads TRITON_INTERPRET when the kernels are defined."""
     from engine.layers.triton_attention import TritonAttention
@@ -272,16 +297,25 @@ def _triton_attention() -> TritonAttention:
     return TritonAttention()
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
-    """``auto`` is the Triton kernel on CUDA when triton is installed, else the vectorized torch path."""
+def resolve_attention(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, cpu_kernels: bool = True
+) -> str:
+    """``auto`` is the Triton kernel on CUDA when triton is installed, the C++ kernel on a CPU that builds
+    it (float32 and bfloat16, its head dims), else the vectorized torch path."""
     if name != "auto":
         return name
-    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "vectorized"
+    if device.type == "cuda":
+        return "triton" if importlib.util.find_spec("triton") else "vectorized"
+    usable = (
+        device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim in ATTENTION_HEAD_DIMS
+    )
+    return "cpu" if usable and cpu_kernels and load_cpu_kernels() else "vectorized"
 
 
-Attention = Union[ReferenceAttention, VectorizedAttention, "TritonAttention"]
+Attention = Union[ReferenceAttention, VectorizedAttention, CpuAttention, "TritonAttention"]
 ATTENTION_BACKENDS: dict[str, Callable[[], Attention]] = {
     "reference": ReferenceAttention,
     "vectorized": VectorizedAttention,
+    "cpu": CpuAttention,
     "triton": _triton_attention,
 }

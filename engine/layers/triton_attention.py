@@ -1,23 +1,11 @@
 """Hogwild attention as a Triton kernel over the paged pool (DESIGN.md sections 3 and 7).
 
-A *tile* is up to ``tile_tokens`` query tokens that see the same keys at the same view offsets: the tokens of
-one row, or, over their shared first block (``common``), the tokens of all rows of one job. A *piece* is a
-run of at most ``chunk`` keys of one block, seen by one tile. An *item* is a few consecutive pieces of one
-tile, about ``chunk`` keys in all. One program takes one item and one KV head: it stacks the tile's queries
-of that head's GQA group into one [tokens * group, d] matrix (split over programs past 64 rows) and, piece
-by piece, rotates them by minus the piece's block offset in registers (DESIGN.md section 3) and runs an
-online softmax over the piece's keys, so each key is read once for the whole tile. The partial result
-(running max, sum, unnormalized output) goes to a scratch buffer, and a second kernel merges each token's
-partials by log-sum-exp (flash-decoding).
-
-Why this cut:
-- a job's ``common`` block, the longest of the step, is read once per job instead of once per worker, while
-  each row's small blocks (headers, the other workers' steps, its own step) are read by that row alone, all
-  in one program;
-- a long block splits into pieces that run in parallel (split-K), which keeps the GPU busy when a step has
-  only a few rows;
-- a row of many tokens (a header after a rollover, a prefill chunk) is a row with several tiles, and one
-  mask, *key view position <= query view position*, gives causality inside its own block.
+Tiles, pieces and items are those of the step's plan (engine/layers/kernel_plan.py). One program takes one
+item and one KV head: it stacks the tile's queries of that head's GQA group into one [tokens * group, d]
+matrix (split over programs past 64 rows) and, piece by piece, rotates them by minus the piece's block
+offset in registers (DESIGN.md section 3) and runs an online softmax over the piece's keys, so each key is
+read once for the whole tile. The partial result (running max, sum, unnormalized output) goes to a scratch
+buffer, and a second kernel merges each token's partials by log-sum-exp.
 
 This module imports triton at the top; ``engine.layers.attention`` imports it only when the backend is
 chosen, because triton is optional and reads ``TRITON_INTERPRET`` when the kernels below are defined.
@@ -25,15 +13,13 @@ chosen, because triton is optional and reads ``TRITON_INTERPRET`` when the kerne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import chain
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from engine.layers.attention import RowSpec
+from engine.layers.kernel_plan import KernelPlan, build_plan
 from engine.layers.rotary import Rotary
 
 LOG2E = 1.4426950408889634
@@ -177,72 +163,6 @@ def _merge_kernel(
     tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@dataclass
-class TritonPlan:
-    """Per-step metadata shared by every layer; all tensors int32 on the pool's device unless noted."""
-
-    key_slots: torch.Tensor  # [keys] pool slots of every key run, runs back to back
-    piece_start: torch.Tensor  # [pieces] the piece's first key in key_slots
-    piece_len: torch.Tensor  # [pieces]
-    piece_pos: torch.Tensor  # [pieces] view position of the piece's first key
-    cos: torch.Tensor  # [pieces, d] float32: rotation of the queries by minus the block's offset ...
-    sin: torch.Tensor  # ... with the sign of rotate_half folded into sin
-    item_pieces: torch.Tensor  # [items + 1] item i attends pieces item_pieces[i] .. item_pieces[i+1]
-    query_index: torch.Tensor  # [items, tile] packed token of each query (pads: -1)
-    query_pos: torch.Tensor  # [items, tile] view position of each query
-    part: torch.Tensor  # [items, tile] scratch row of each (item, query) partial
-    part_start: torch.Tensor  # [tokens + 1] token t's partials are rows part_start[t] .. part_start[t+1]
-    tokens: int
-    parts: int
-    tile: int
-
-
-class _Layout:
-    """The step's key runs, query tiles, pieces and items, collected in Python lists: a few hundred rows
-    cost less this way than in many small tensor ops."""
-
-    def __init__(self, chunk: int, tile_tokens: int):
-        self.chunk, self.tile_tokens = chunk, tile_tokens
-        self.runs: list[torch.Tensor] = []
-        self.keys = 0
-        self.tile_index: list[list[int]] = []  # packed token of each query
-        self.tile_pos: list[list[int]] = []  # view position of each query
-        # (first key, keys, block offset, view position of the first key)
-        self.pieces: list[tuple[int, int, int, int]] = []
-        self.item_pieces: list[int] = []  # first piece of each item
-        self.item_tile: list[int] = []
-
-    def tiles(self, index: list[int], pos: list[int]) -> list[int]:
-        """Cuts queries into tiles; returns their ids."""
-        first = len(self.tile_index)
-        for i in range(0, len(index), self.tile_tokens):
-            self.tile_index.append(index[i : i + self.tile_tokens])
-            self.tile_pos.append(pos[i : i + self.tile_tokens])
-        return list(range(first, len(self.tile_index)))
-
-    def attend(self, blocks: list[tuple[torch.Tensor, int]], tile_ids: list[int]) -> None:
-        """Adds the blocks' keys once and lets each tile attend them, in items of about ``chunk`` keys."""
-        runs = []
-        for slots, offset in blocks:
-            if len(slots):
-                self.runs.append(slots)
-                runs.append((self.keys, len(slots), offset))
-                self.keys += len(slots)
-        for tile in tile_ids:
-            last = max(self.tile_pos[tile])
-            item_keys = self.chunk  # the first piece opens an item
-            for first, length, offset in runs:
-                # Pieces that start after the tile's last query (a long row's own future) are left out.
-                for skip in range(0, min(length, last - offset + 1), self.chunk):
-                    if item_keys >= self.chunk:
-                        self.item_pieces.append(len(self.pieces))
-                        self.item_tile.append(tile)
-                        item_keys = 0
-                    keys = min(self.chunk, length - skip)
-                    self.pieces.append((first + skip, keys, offset, offset + skip))
-                    item_keys += keys
-
-
 class TritonAttention:
     """The fused GPU path; any head_dim, GQA ratio and dtype (float32 dots run in full precision).
 
@@ -252,66 +172,11 @@ class TritonAttention:
     def __init__(self, chunk: int = 256, tile_tokens: int = 64):
         self.chunk, self.tile_tokens = chunk, tile_tokens
 
-    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> TritonPlan:
-        device = rows[0].blocks[0][0].device
-        layout = _Layout(self.chunk, self.tile_tokens)
-        # Rows whose first block is the same tensor (the job's `common`, cached by the Block) share it.
-        groups: dict[tuple[int, int, int], list[RowSpec]] = {}
-        for row in rows:
-            slots, offset = row.blocks[0]
-            groups.setdefault((slots.data_ptr(), len(slots), offset), []).append(row)
-        for group in groups.values():
-            index = [list(range(r.start, r.start + r.num_tokens)) for r in group]
-            pos = [list(range(r.view_len - r.num_tokens, r.view_len)) for r in group]
-            shared = layout.tiles(list(chain(*index)), list(chain(*pos)))
-            layout.attend(group[0].blocks[:1], shared)
-            for row, row_index, row_pos in zip(group, index, pos, strict=True):
-                layout.attend(row.blocks[1:], shared if len(group) == 1 else layout.tiles(row_index, row_pos))
-
-        width = max(len(t) for t in layout.tile_index)
-        pad = [[-1] * (width - len(t)) for t in layout.tile_index]
-        item_tile = torch.tensor(layout.item_tile)
-        query_index = torch.tensor([t + p for t, p in zip(layout.tile_index, pad, strict=True)])[item_tile]
-        query_pos = torch.tensor([t + p for t, p in zip(layout.tile_pos, pad, strict=True)])[item_tile]
-        piece_first, piece_keys, piece_offset, piece_pos = torch.tensor(layout.pieces).unbind(1)
-
-        # Number the partials token by token, so that each token's are contiguous for the merge.
-        live = query_index >= 0
-        owners = query_index[live]
-        rank = torch.empty_like(owners)
-        rank[torch.argsort(owners, stable=True)] = torch.arange(len(owners))
-        part = torch.full_like(query_index, -1)
-        part[live] = rank
-        tokens = max(r.start + r.num_tokens for r in rows)
-        part_start = torch.bincount(owners, minlength=tokens).cumsum(0)
-        part_start = torch.cat([torch.zeros(1, dtype=torch.long), part_start])
-
-        cos, sin = rotary.cos_sin(-piece_offset.to(device), scaled=False)
-        half = cos.shape[-1] // 2
-        sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
-
-        def dev(x: torch.Tensor) -> torch.Tensor:
-            return x.to(device=device, dtype=torch.int32)
-
-        return TritonPlan(
-            key_slots=dev(torch.cat(layout.runs)),
-            piece_start=dev(piece_first),
-            piece_len=dev(piece_keys),
-            piece_pos=dev(piece_pos),
-            cos=cos,
-            sin=sin * sign,
-            item_pieces=dev(torch.tensor([*layout.item_pieces, len(layout.pieces)])),
-            query_index=dev(query_index),
-            query_pos=dev(query_pos),
-            part=dev(part),
-            part_start=dev(part_start),
-            tokens=tokens,
-            parts=len(owners),
-            tile=query_index.shape[1],
-        )
+    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
+        return build_plan(rows, rotary, self.chunk, self.tile_tokens)
 
     def __call__(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: TritonPlan, scale: float
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KernelPlan, scale: float
     ) -> torch.Tensor:
         heads, dim = q.shape[1], q.shape[2]
         kv_heads = k_pool.shape[1]

@@ -1,0 +1,70 @@
+"""The C++ CPU kernels (csrc/): a bfloat16 small-batch linear and the Hogwild decode attention.
+
+A CPU decode step is the time to stream the weights from memory plus a long tail of small tensor ops; for
+one row oneDNN's bfloat16 path reaches about half of one core's read bandwidth, and the attention's gathers,
+re-rotations, masks and matmuls are each a separate pass with its own dispatch. The kernels do both in one
+pass (docs/BENCHMARKS.md). They are compiled with the system's C++ compiler on first use, once per torch
+version, into the model cache; where the CPU lacks AVX512-BF16 or the build fails, the engine keeps the
+plain torch paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("linear.cpp", "attention.cpp")
+ATTENTION_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # instances of the attention kernel's template
+# -ffast-math lets gcc call glibc's vector exp (libmvec) in the softmax; the kernels use no infinities.
+FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-mfma"] + [
+    f"-mavx512{x}" for x in ("f", "bw", "vl", "dq", "bf16")
+]
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Native bfloat16 dot products (AVX512-BF16; AMX CPUs have it too)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags
+
+
+@cache
+def load_cpu_kernels() -> bool:
+    """Builds (first time) and loads the kernels as ``torch.ops.hogwild_cpu``; False where they cannot be."""
+    if not cpu_has_bf16_dot():
+        return False
+    from torch.utils.cpp_extension import load
+
+    from engine.loader import cache_dir
+
+    try:  # torch runs `ninja` from PATH, which a virtual environment's scripts folder need not be on
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except ImportError:
+        pass
+
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    build.mkdir(parents=True, exist_ok=True)
+    log.info("loading the CPU kernels (compiled once into %s)", build)
+    try:
+        load(
+            name="hogwild_cpu",
+            sources=[str(Path(__file__).parent / "csrc" / name) for name in SOURCES],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-lmvec"],
+            build_directory=str(build),
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, no ninja, an old toolchain: the torch paths still work
+        log.warning("CPU kernels unavailable, using the torch paths: %s", str(e).strip()[-500:])
+        return False
+    return True
