@@ -53,9 +53,9 @@ def load_cpu_kernels() -> bool:
         pass
 
     build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
-    build.mkdir(parents=True, exist_ok=True)
     log.info("loading the CPU kernels (compiled once into %s)", build)
     try:
+        build.mkdir(parents=True, exist_ok=True)
         load(
             name="hogwild_cpu",
             sources=[str(Path(__file__).parent / "csrc" / name) for name in SOURCES],
@@ -64,7 +64,8 @@ def load_cpu_kernels() -> bool:
             build_directory=str(build),
             is_python_module=False,
         )
-    except Exception as e:  # no compiler, no ninja, an old toolchain: the torch paths still work
-        log.warning("CPU kernels unavailable, using the torch paths: %s", str(e).strip()[-500:])
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the torch paths still work
+        errors = [line for line in str(e).splitlines() if "error" in line.lower()][:3]
+        log.warning("CPU kernels unavailable, using the torch paths: %s", " | ".join(errors) or e)
         return False
     return True
