@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import Engine
+from engine.layers.cpu_kernels import load_cpu_kernels
 from tests.models import FAMILIES, tiny_model
 from tests.reference_hogwild import replay
 
@@ -33,7 +34,10 @@ def check_against_reference(model: Any, job: Any) -> int:
     return compared
 
 
-@pytest.mark.parametrize("attention", ["vectorized", "reference"])
+CPU_KERNEL = pytest.param("cpu", marks=pytest.mark.skipif(not load_cpu_kernels(), reason="no CPU kernels"))
+
+
+@pytest.mark.parametrize("attention", ["vectorized", "reference", CPU_KERNEL])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("layout", ["combined", "interleaved", "contiguous"])
 @pytest.mark.parametrize("workers", [1, 2, 3, 5])

@@ -197,9 +197,16 @@ class VectorizedAttention:
         )
 
     def __call__(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: VectorizedPlan, scale: float
+        self,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        plan: VectorizedPlan,
+        scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = torch.empty_like(q)
+        """Writes the planned rows' outputs into ``out`` (a new tensor if None) and returns it."""
+        out = torch.empty_like(q) if out is None else out
         heads, dim = q.shape[1], q.shape[2]
         for g in plan.groups:
             kh, vh = gather(k_pool, g.head_slots), gather(v_pool, g.head_slots)  # [kvh, J, Lh, d]
@@ -268,26 +275,46 @@ def decode_attention(
     return o.view(kv_heads, rows, group, tokens, dim).permute(1, 3, 0, 2, 4)
 
 
+@dataclass
+class CpuPlan:
+    kernel: KernelPlan | None  # rows of at most SHORT_ROW_TOKENS tokens
+    long: VectorizedPlan | None  # prefill chunks
+
+
 class CpuAttention:
-    """The fused kernel on the CPU; float32 and bfloat16. Larger items than the GPU's: a CPU has few cores
-    to keep busy, and every item's partials cost a merge."""
+    """The fused kernel on the CPU for decode rows (float32 and bfloat16); prefill chunks go to SDPA's flash
+    kernel as in ``VectorizedAttention``, whose blocked matmuls suit hundreds of queries better. Items are
+    larger than the GPU's: a CPU has few cores to keep busy, and every item's partials cost a merge."""
 
     def __init__(self, chunk: int = 1024, tile_tokens: int = 64):
+        if not load_cpu_kernels():
+            raise RuntimeError("attention='cpu' needs the C++ CPU kernels (AVX512-BF16 and a C++ compiler)")
         self.chunk, self.tile_tokens = chunk, tile_tokens
+        self.vectorized = VectorizedAttention()
 
-    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
+    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> CpuPlan:
         from engine.layers.kernel_plan import build_plan
 
-        return build_plan(rows, rotary, self.chunk, self.tile_tokens)
+        short = [r for r in rows if r.num_tokens <= SHORT_ROW_TOKENS]
+        long = [r for r in rows if r.num_tokens > SHORT_ROW_TOKENS]
+        return CpuPlan(
+            build_plan(short, rotary, self.chunk, self.tile_tokens) if short else None,
+            self.vectorized.plan(long, rotary, dtype) if long else None,
+        )
 
     def __call__(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KernelPlan, scale: float
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: CpuPlan, scale: float
     ) -> torch.Tensor:
-        p = plan
-        return torch.ops.hogwild_cpu.attention(
-            q, k_pool, v_pool, p.key_slots, p.piece_start, p.piece_len, p.piece_pos, p.cos, p.sin,
-            p.item_pieces, p.query_index, p.query_pos, p.part, p.part_start, scale, p.parts,
-        )  # fmt: skip
+        out = None
+        if (p := plan.kernel) is not None:  # every token of the long rows comes out as zeros here
+            out = torch.ops.hogwild_cpu.attention(
+                q, k_pool, v_pool, p.key_slots, p.piece_start, p.piece_len, p.piece_pos, p.cos, p.sin,
+                p.item_pieces, p.query_index, p.query_pos, p.part, p.part_start, scale, p.parts,
+            )  # fmt: skip
+        if plan.long is not None:
+            out = self.vectorized(q, k_pool, v_pool, plan.long, scale, out)
+        assert out is not None
+        return out
 
 
 def _triton_attention() -> TritonAttention:

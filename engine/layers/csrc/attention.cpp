@@ -173,11 +173,14 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
 #pragma omp simd
             for (int d = 0; d < D; d++) o[d] *= alpha;
         }
-        int64_t r = 0;
+        int64_t r = 0;  // RB rows at a time, then at most one pair and one single (RB is 4, 2 or 1)
         for (; r + RB <= rows; r += RB)
             add_values<C, RB>(v_head, slots, keys, pool_stride_s, &s.scores[r * keys], &s.out[r * D]);
-        for (; r < rows; r++)
-            add_values<C, 1>(v_head, slots, keys, pool_stride_s, &s.scores[r * keys], &s.out[r * D]);
+        if (RB > 2 && r + 2 <= rows) {
+            add_values<C, 2>(v_head, slots, keys, pool_stride_s, &s.scores[r * keys], &s.out[r * D]);
+            r += 2;
+        }
+        if (r < rows) add_values<C, 1>(v_head, slots, keys, pool_stride_s, &s.scores[r * keys], &s.out[r * D]);
     }
     for (int64_t r = 0; r < rows; r++) {
         const int64_t stat = int64_t(p.part[item * p.tile + row_query[r]]) * heads + kv_head * group + r % group;
@@ -207,7 +210,8 @@ void merge(const int32_t* part_start, const float* part_max, const float* part_s
                 for (int64_t d = 0; d < dim; d++) acc[d] += w * part_out[stat * dim + d];
             }
             T* o = out + token * out_stride_t + head * out_stride_h;
-            for (int64_t d = 0; d < dim; d++) o[d] = T(acc[d] / total);
+            const float norm = total > 0.f ? 1.f / total : 0.f;  // tokens of rows left out of the plan: 0
+            for (int64_t d = 0; d < dim; d++) o[d] = T(acc[d] * norm);
         }
     });
 }
