@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -42,9 +43,19 @@ struct Plan {
 
 struct Scratch {  // per item: the tile's rows of one KV head
     std::vector<float> q, q_rot, out, scores;
+    std::vector<uint16_t> q_bf;  // q_rot in bfloat16, for bfloat16 keys
     std::vector<float> max, sum;
     std::vector<int64_t> limit;
 };
+
+// Keys and values sit at scattered pool slots (a page of 16 is contiguous): ask for rows a few keys ahead.
+constexpr int64_t PREFETCH_KEYS = 8;
+
+template <typename T, int D>
+inline void prefetch_row(const T* row) {
+#pragma GCC unroll 8
+    for (int b = 0; b < int(D * sizeof(T)); b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+}
 
 // Scores of key n for every row: scores[r * keys + n] = q_rot[r] . key.
 template <int C, typename T>
@@ -75,6 +86,31 @@ inline void score_key(const T* key, const float* q_rot, int64_t rows, float* sco
     }
 }
 
+// The same for bfloat16 keys and queries rounded to bfloat16 (as the Triton kernel's dot does): vdpbf16ps
+// multiplies 32 pairs per instruction exactly into float32 sums, and the key needs no conversion.
+template <int C>
+inline void score_key_bf16(const c10::BFloat16* key, const uint16_t* q_bf, int64_t rows, float* scores,
+                           int64_t keys) {
+    constexpr int D = 16 * C, H = C / 2;
+    __m512bh k[H];
+#pragma GCC unroll 8
+    for (int h = 0; h < H; h++) k[h] = (__m512bh)_mm512_loadu_si512(key + 32 * h);
+    auto dot = [&](int64_t r) {
+        __m512 a = _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q_bf + r * D + 32 * h), k[h]);
+        return a;
+    };
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        alignas(16) float four[4];
+        _mm_store_ps(four, hogwild::reduce4(dot(r), dot(r + 1), dot(r + 2), dot(r + 3)));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) scores[(r + j) * keys] = four[j];
+    }
+    for (; r < rows; r++) scores[r * keys] = _mm512_reduce_add_ps(dot(r));
+}
+
 // out[r] += sum_n probs[r * keys + n] * value_n for RB rows, their outputs held in registers.
 template <int C, int RB, typename T>
 inline void add_values(const T* v, const int32_t* slots, int64_t keys, int64_t stride, const float* probs,
@@ -86,6 +122,7 @@ inline void add_values(const T* v, const int32_t* slots, int64_t keys, int64_t s
 #pragma GCC unroll 16
         for (int c = 0; c < C; c++) acc[j][c] = _mm512_loadu_ps(out + j * D + 16 * c);
     for (int64_t n = 0; n < keys; n++) {
+        if (n + PREFETCH_KEYS < keys) prefetch_row<T, D>(v + int64_t(slots[n + PREFETCH_KEYS]) * stride);
         const T* row = v + int64_t(slots[n]) * stride;
         __m512 val[C];
 #pragma GCC unroll 16
@@ -110,6 +147,7 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
                  int64_t heads, Scratch& s) {
     constexpr int D = 16 * C;
     constexpr int RB = C <= 4 ? 4 : C <= 8 ? 2 : 1;  // rows whose outputs fit in registers with a value
+    static_assert(RB == 4 || RB == 2 || RB == 1, "the leftover rows below are at most one pair and one single");
     // Rows are (query of the tile, head of the group), queries with no token (-1) left out.
     std::vector<int64_t> row_query;
     for (int64_t i = 0; i < p.tile; i++)
@@ -152,8 +190,21 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
         }
         s.scores.resize(rows * keys);
         const int32_t* slots = p.key_slots + p.piece_start[piece];
-        for (int64_t n = 0; n < keys; n++)
-            score_key<C>(k_head + int64_t(slots[n]) * pool_stride_s, s.q_rot.data(), rows, &s.scores[n], keys);
+        if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+            s.q_bf.resize(rows * D);
+            for (int64_t i = 0; i < rows * D; i += 32) {
+                const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(&s.q_rot[i + 16]), _mm512_loadu_ps(&s.q_rot[i]));
+                _mm512_storeu_si512(&s.q_bf[i], (__m512i)pair);
+            }
+        }
+        for (int64_t n = 0; n < keys; n++) {
+            const T* key = k_head + int64_t(slots[n]) * pool_stride_s;
+            if (n + PREFETCH_KEYS < keys) prefetch_row<T, D>(k_head + int64_t(slots[n + PREFETCH_KEYS]) * pool_stride_s);
+            if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0)
+                score_key_bf16<C>(key, s.q_bf.data(), rows, &s.scores[n], keys);
+            else
+                score_key<C>(key, s.q_rot.data(), rows, &s.scores[n], keys);
+        }
         for (int64_t r = 0; r < rows; r++) {
             float* sc = &s.scores[r * keys];
             for (int64_t n = std::max<int64_t>(s.limit[r] + 1, 0); n < keys; n++) sc[n] = NO_SCORE;  // the future
