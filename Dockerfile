@@ -1,5 +1,6 @@
 # Hogwild! inference server image. Multi-stage: the build stage makes a virtual environment in /opt/venv;
-# the runtime stage copies it onto the plain base (python3 + CA certificates, no compilers, no python3-venv).
+# the runtime stage copies it onto the plain base (python3 + CA certificates, no python3-venv; the CPU image
+# adds g++ for the engine's CPU kernels).
 #
 # GPU (default): CUDA runtime base, torch from PyPI (CUDA build):
 #   docker build -t hogwild-server .
@@ -81,6 +82,14 @@ RUN useradd --system --uid "$HOGWILD_UID" --user-group --create-home --home-dir 
     && mkdir -p /cache \
     && chown hogwild:hogwild /cache
 COPY --from=build /opt/venv /opt/venv
+# The CPU image carries g++: on a CPU with AVX512-BF16 the engine compiles its C++ kernels on first start
+# (about 7 s, into the /cache volume; engine/layers/cpu_kernels.py) and otherwise runs the slower torch paths.
+RUN set -eu; \
+    if [ "$DEVICE" = cpu ]; then \
+        apt-get update; \
+        apt-get install -y --no-install-recommends g++; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi
 # Configuration is by environment (HOGWILD_MODEL, HOGWILD_DEVICE, HOGWILD_API_KEY, ...; docs/DEPLOY.md).
 # The model cache (the default model's conversion, Hugging Face downloads) lives in the /cache volume.
 # The system CA store is used for downloads, so a derived image can add a CA the usual way.

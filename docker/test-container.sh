@@ -226,6 +226,16 @@ if len(workers) != 2 or not all(t.strip() for t in texts):
 EOF
 log "HTTP checks passed in $((SECONDS - ts)) s (start, model fetch on a fresh volume, one job)"
 
+# The CPU image compiles the engine's C++ kernels on a host CPU with AVX512-BF16 (the image carries g++).
+if grep -q avx512_bf16 /proc/cpuinfo; then
+    engine_log="$(podman logs "$name" 2>&1)"
+    if ! grep -q "loading the CPU kernels" <<<"$engine_log" || grep -q "CPU kernels unavailable" <<<"$engine_log"; then
+        grep "CPU kernels" <<<"$engine_log" >&2 || true
+        die "the engine could not build its CPU kernels in the image"
+    fi
+    log "the engine built and uses its CPU kernels"
+fi
+
 # The image's HEALTHCHECK itself (podman runs it on demand; no systemd timers here).
 timeout 60 podman healthcheck run "$name" >/dev/null || die "the image's HEALTHCHECK failed"
 log "HEALTHCHECK passes"
