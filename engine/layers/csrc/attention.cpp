@@ -2,12 +2,13 @@
 // (engine/layers/kernel_plan.py, engine/layers/triton_attention.py) in C++.
 //
 // An item is a tile of query tokens and the pieces of keys it attends; for one KV head, the tile's queries
-// of that head's GQA group are stacked into rows, rotated per piece by minus the block's offset, scored
-// against the piece's keys (each key read once for all rows), and folded into a running softmax. Partials
+// of that head's GQA group are stacked into rows, rotated per piece by minus the block's offset and scored
+// against the piece's keys (each key read once for all rows); one softmax covers all the item's pieces (at
+// most about two chunks of keys), so a row's many small tail blocks cost one pass, not one each. Partials
 // (max, sum, unnormalized output) per (token, head) are merged by log-sum-exp, as in flash-decoding.
 //
 // Head dims are template constants (C = dim / 16 AVX-512 vectors), so that a key or value row and the
-// running outputs of a block of query rows stay in registers: a key is scored against four rows at a time
+// outputs of a block of query rows stay in registers: a key is scored against four rows at a time
 // with one shared horizontal reduction, and a value is added into RB rows' outputs held in registers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -41,11 +42,17 @@ struct Plan {
     int64_t tile;
 };
 
+struct Segment {  // the keys of one piece some row of the item sees, and their first column in the scores
+    int32_t piece;
+    const int32_t* slots;
+    int64_t keys, at;
+};
+
 struct Scratch {  // per item: the tile's rows of one KV head
     std::vector<float> q, q_rot, out, scores;
     std::vector<uint16_t> q_bf;  // q_rot in bfloat16, for bfloat16 keys
+    std::vector<Segment> segments;
     std::vector<float> max, sum;
-    std::vector<int64_t> limit;
 };
 
 // Keys and values sit at scattered pool slots (a page of 16 is contiguous): ask for rows a few keys ahead.
@@ -111,27 +118,30 @@ inline void score_key_bf16(const c10::BFloat16* key, const uint16_t* q_bf, int64
     for (; r < rows; r++) scores[r * keys] = _mm512_reduce_add_ps(dot(r));
 }
 
-// out[r] += sum_n probs[r * keys + n] * value_n for RB rows, their outputs held in registers.
+// out[r] = sum over the item's segments and their keys n of probs[r * width + at + n] * value_n, for RB
+// rows whose outputs stay in registers across all the item's pieces.
 template <int C, int RB, typename T>
-inline void add_values(const T* v, const int32_t* slots, int64_t keys, int64_t stride, const float* probs,
-                       float* out) {
+inline void add_values(const T* v, const std::vector<Segment>& segments, int64_t stride, const float* probs,
+                       int64_t width, float* out) {
     constexpr int D = 16 * C;
     __m512 acc[RB][C];
 #pragma GCC unroll 4
     for (int j = 0; j < RB; j++)
 #pragma GCC unroll 16
-        for (int c = 0; c < C; c++) acc[j][c] = _mm512_loadu_ps(out + j * D + 16 * c);
-    for (int64_t n = 0; n < keys; n++) {
-        if (n + PREFETCH_KEYS < keys) prefetch_row<T, D>(v + int64_t(slots[n + PREFETCH_KEYS]) * stride);
-        const T* row = v + int64_t(slots[n]) * stride;
-        __m512 val[C];
+        for (int c = 0; c < C; c++) acc[j][c] = _mm512_setzero_ps();
+    for (const Segment& seg : segments) {
+        for (int64_t n = 0; n < seg.keys; n++) {
+            if (n + PREFETCH_KEYS < seg.keys) prefetch_row<T, D>(v + int64_t(seg.slots[n + PREFETCH_KEYS]) * stride);
+            const T* row = v + int64_t(seg.slots[n]) * stride;
+            __m512 val[C];
 #pragma GCC unroll 16
-        for (int c = 0; c < C; c++) val[c] = hogwild::load16(row + 16 * c);
+            for (int c = 0; c < C; c++) val[c] = hogwild::load16(row + 16 * c);
 #pragma GCC unroll 4
-        for (int j = 0; j < RB; j++) {
-            const __m512 w = _mm512_set1_ps(probs[j * keys + n]);
+            for (int j = 0; j < RB; j++) {
+                const __m512 w = _mm512_set1_ps(probs[j * width + seg.at + n]);
 #pragma GCC unroll 16
-            for (int c = 0; c < C; c++) acc[j][c] = _mm512_fmadd_ps(w, val[c], acc[j][c]);
+                for (int c = 0; c < C; c++) acc[j][c] = _mm512_fmadd_ps(w, val[c], acc[j][c]);
+            }
         }
     }
 #pragma GCC unroll 4
@@ -160,7 +170,6 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
     s.out.assign(rows * D, 0.f);
     s.max.assign(rows, NO_SCORE);
     s.sum.assign(rows, 0.f);
-    s.limit.resize(rows);
     for (int64_t r = 0; r < rows; r++) {
         const int64_t token = p.query_index[item * p.tile + row_query[r]];
         const T* src = q + token * q_stride_t + (kv_head * group + r % group) * q_stride_h;
@@ -168,70 +177,76 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
     }
     const T* k_head = k + kv_head * pool_stride_h;
     const T* v_head = v + kv_head * pool_stride_h;
+    // One softmax over all the item's pieces: scores [rows, width], piece after piece (its visible keys).
+    auto limit = [&](int64_t r, int32_t piece) {  // the last key of the piece row r may see
+        const int64_t pos = p.query_pos[item * p.tile + row_query[r]];
+        return std::min<int64_t>(pos - p.piece_pos[piece], p.piece_len[piece] - 1);
+    };
+    s.segments.clear();
+    int64_t width = 0;
     for (int32_t piece = p.item_pieces[item]; piece < p.item_pieces[item + 1]; piece++) {
-        const int64_t len = p.piece_len[piece];
-        int64_t keys = 0;  // keys [0, keys) are visible to some row
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t pos = p.query_pos[item * p.tile + row_query[r]];
-            s.limit[r] = std::min<int64_t>(pos - p.piece_pos[piece], len - 1);
-            keys = std::max(keys, s.limit[r] + 1);
-        }
+        int64_t keys = 0;
+        for (int64_t r = 0; r < rows; r++) keys = std::max(keys, limit(r, piece) + 1);
         if (keys <= 0) continue;
-        // Rotate the queries by minus the block's offset (rotate_half's sign is folded into sin) and scale.
-        const float* cs = p.cos + int64_t(piece) * D;
-        const float* sn = p.sin + int64_t(piece) * D;
-        for (int64_t r = 0; r < rows; r++) {
-            const float* x = &s.q[r * D];
-            float* y = &s.q_rot[r * D];
-            for (int d = 0; d < D / 2; d++) {
-                y[d] = (x[d] * cs[d] + x[d + D / 2] * sn[d]) * scale;
-                y[d + D / 2] = (x[d + D / 2] * cs[d + D / 2] + x[d] * sn[d + D / 2]) * scale;
+        s.segments.push_back({piece, p.key_slots + p.piece_start[piece], keys, width});
+        width += keys;
+    }
+    if (width > 0) {
+        s.scores.resize(rows * width);
+        for (const Segment& seg : s.segments) {
+            // Rotate the queries by minus the block's offset (rotate_half's sign folded into sin) and scale.
+            const float* cs = p.cos + int64_t(seg.piece) * D;
+            const float* sn = p.sin + int64_t(seg.piece) * D;
+            for (int64_t r = 0; r < rows; r++) {
+                const float* x = &s.q[r * D];
+                float* y = &s.q_rot[r * D];
+                for (int d = 0; d < D / 2; d++) {
+                    y[d] = (x[d] * cs[d] + x[d + D / 2] * sn[d]) * scale;
+                    y[d + D / 2] = (x[d + D / 2] * cs[d + D / 2] + x[d] * sn[d + D / 2]) * scale;
+                }
             }
-        }
-        s.scores.resize(rows * keys);
-        const int32_t* slots = p.key_slots + p.piece_start[piece];
-        if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
-            s.q_bf.resize(rows * D);
-            for (int64_t i = 0; i < rows * D; i += 32) {
-                const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(&s.q_rot[i + 16]), _mm512_loadu_ps(&s.q_rot[i]));
-                _mm512_storeu_si512(&s.q_bf[i], (__m512i)pair);
+            if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+                s.q_bf.resize(rows * D);
+                for (int64_t i = 0; i < rows * D; i += 32) {
+                    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(&s.q_rot[i + 16]), _mm512_loadu_ps(&s.q_rot[i]));
+                    _mm512_storeu_si512(&s.q_bf[i], (__m512i)pair);
+                }
             }
-        }
-        for (int64_t n = 0; n < keys; n++) {
-            const T* key = k_head + int64_t(slots[n]) * pool_stride_s;
-            if (n + PREFETCH_KEYS < keys) prefetch_row<T, D>(k_head + int64_t(slots[n + PREFETCH_KEYS]) * pool_stride_s);
-            if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0)
-                score_key_bf16<C>(key, s.q_bf.data(), rows, &s.scores[n], keys);
-            else
-                score_key<C>(key, s.q_rot.data(), rows, &s.scores[n], keys);
+            for (int64_t n = 0; n < seg.keys; n++) {
+                const T* key = k_head + int64_t(seg.slots[n]) * pool_stride_s;
+                if (n + PREFETCH_KEYS < seg.keys)
+                    prefetch_row<T, D>(k_head + int64_t(seg.slots[n + PREFETCH_KEYS]) * pool_stride_s);
+                if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0)
+                    score_key_bf16<C>(key, s.q_bf.data(), rows, &s.scores[seg.at + n], width);
+                else
+                    score_key<C>(key, s.q_rot.data(), rows, &s.scores[seg.at + n], width);
+            }
+            for (int64_t r = 0; r < rows; r++)  // the keys in this row's future
+                for (int64_t n = std::max<int64_t>(limit(r, seg.piece) + 1, 0); n < seg.keys; n++)
+                    s.scores[r * width + seg.at + n] = NO_SCORE;
         }
         for (int64_t r = 0; r < rows; r++) {
-            float* sc = &s.scores[r * keys];
-            for (int64_t n = std::max<int64_t>(s.limit[r] + 1, 0); n < keys; n++) sc[n] = NO_SCORE;  // the future
-            float m = s.max[r];
+            float* sc = &s.scores[r * width];
+            float m = NO_SCORE;
 #pragma omp simd reduction(max : m)
-            for (int64_t n = 0; n < keys; n++) m = std::max(m, sc[n]);
-            const float alpha = std::exp(s.max[r] - m);
+            for (int64_t n = 0; n < width; n++) m = std::max(m, sc[n]);
             float total = 0.f;
 #pragma omp simd reduction(+ : total)
-            for (int64_t n = 0; n < keys; n++) {
+            for (int64_t n = 0; n < width; n++) {
                 sc[n] = std::exp(sc[n] - m);  // masked keys: exp(NO_SCORE - m) = 0
                 total += sc[n];
             }
-            s.sum[r] = s.sum[r] * alpha + total;
             s.max[r] = m;
-            float* o = &s.out[r * D];
-#pragma omp simd
-            for (int d = 0; d < D; d++) o[d] *= alpha;
+            s.sum[r] = total;
         }
         int64_t r = 0;  // RB rows at a time, then at most one pair and one single (RB is 4, 2 or 1)
         for (; r + RB <= rows; r += RB)
-            add_values<C, RB>(v_head, slots, keys, pool_stride_s, &s.scores[r * keys], &s.out[r * D]);
+            add_values<C, RB>(v_head, s.segments, pool_stride_s, &s.scores[r * width], width, &s.out[r * D]);
         if (RB > 2 && r + 2 <= rows) {
-            add_values<C, 2>(v_head, slots, keys, pool_stride_s, &s.scores[r * keys], &s.out[r * D]);
+            add_values<C, 2>(v_head, s.segments, pool_stride_s, &s.scores[r * width], width, &s.out[r * D]);
             r += 2;
         }
-        if (r < rows) add_values<C, 1>(v_head, slots, keys, pool_stride_s, &s.scores[r * keys], &s.out[r * D]);
+        if (r < rows) add_values<C, 1>(v_head, s.segments, pool_stride_s, &s.scores[r * width], width, &s.out[r * D]);
     }
     for (int64_t r = 0; r < rows; r++) {
         const int64_t stat = int64_t(p.part[item * p.tile + row_query[r]]) * heads + kv_head * group + r % group;
