@@ -27,8 +27,10 @@ FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-mfma"] + [
 ]
 
 
+@cache
 def cpu_has_bf16_dot() -> bool:
-    """Native bfloat16 dot products (AVX512-BF16; AMX CPUs have it too)."""
+    """Native bfloat16 dot products (AVX512-BF16; AMX CPUs have it too). Read once: /proc/cpuinfo runs to
+    hundreds of kilobytes on machines with many cores."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

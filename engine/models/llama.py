@@ -154,12 +154,11 @@ class LlamaModel(nn.Module):
             x = layer(x, i, step)
         return self.norm(x)
 
-    def use_kernel(self, kernel: Kernel) -> int:
+    def use_kernel(self, kernel: Kernel) -> None:
         """Route the small-batch products of every linear layer whose weight suits it to ``kernel``."""
-        layers = [m for m in self.modules() if isinstance(m, Linear) and m.fits_kernel()]
-        for m in layers:
-            m.kernel = kernel
-        return len(layers)
+        for m in self.modules():
+            if isinstance(m, Linear) and m.fits_kernel():
+                m.kernel = kernel
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

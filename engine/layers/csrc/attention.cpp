@@ -64,58 +64,49 @@ inline void prefetch_row(const T* row) {
     for (int b = 0; b < int(D * sizeof(T)); b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
 }
 
-// Scores of key n for every row: scores[r * keys + n] = q_rot[r] . key.
+// scores[r * stride] = dot(r) for every row; four rows at a time share one horizontal reduction.
+template <typename Dot>
+inline void store_scores(int64_t rows, float* scores, int64_t stride, Dot dot) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        alignas(16) float four[4];
+        _mm_store_ps(four, hogwild::reduce4(dot(r), dot(r + 1), dot(r + 2), dot(r + 3)));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) scores[(r + j) * stride] = four[j];
+    }
+    for (; r < rows; r++) scores[r * stride] = _mm512_reduce_add_ps(dot(r));
+}
+
+// Scores of one key for every row: scores[r * stride] = q_rot[r] . key.
 template <int C, typename T>
-inline void score_key(const T* key, const float* q_rot, int64_t rows, float* scores, int64_t keys) {
+inline void score_key(const T* key, const float* q_rot, int64_t rows, float* scores, int64_t stride) {
     constexpr int D = 16 * C;
     __m512 k[C];
 #pragma GCC unroll 16
     for (int c = 0; c < C; c++) k[c] = hogwild::load16(key + 16 * c);
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        __m512 a[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
-            a[j] = _mm512_mul_ps(_mm512_loadu_ps(q_rot + (r + j) * D), k[0]);
-#pragma GCC unroll 16
-            for (int c = 1; c < C; c++) a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q_rot + (r + j) * D + 16 * c), k[c], a[j]);
-        }
-        alignas(16) float four[4];
-        _mm_store_ps(four, hogwild::reduce4(a[0], a[1], a[2], a[3]));
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) scores[(r + j) * keys] = four[j];
-    }
-    for (; r < rows; r++) {
+    store_scores(rows, scores, stride, [&](int64_t r) {
         __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q_rot + r * D), k[0]);
 #pragma GCC unroll 16
         for (int c = 1; c < C; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(q_rot + r * D + 16 * c), k[c], a);
-        scores[r * keys] = _mm512_reduce_add_ps(a);
-    }
+        return a;
+    });
 }
 
 // The same for bfloat16 keys and queries rounded to bfloat16 (as the Triton kernel's dot does): vdpbf16ps
 // multiplies 32 pairs per instruction exactly into float32 sums, and the key needs no conversion.
 template <int C>
 inline void score_key_bf16(const c10::BFloat16* key, const uint16_t* q_bf, int64_t rows, float* scores,
-                           int64_t keys) {
+                           int64_t stride) {
     constexpr int D = 16 * C, H = C / 2;
     __m512bh k[H];
 #pragma GCC unroll 8
     for (int h = 0; h < H; h++) k[h] = (__m512bh)_mm512_loadu_si512(key + 32 * h);
-    auto dot = [&](int64_t r) {
+    store_scores(rows, scores, stride, [&](int64_t r) {
         __m512 a = _mm512_setzero_ps();
 #pragma GCC unroll 8
         for (int h = 0; h < H; h++) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q_bf + r * D + 32 * h), k[h]);
         return a;
-    };
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        alignas(16) float four[4];
-        _mm_store_ps(four, hogwild::reduce4(dot(r), dot(r + 1), dot(r + 2), dot(r + 3)));
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) scores[(r + j) * keys] = four[j];
-    }
-    for (; r < rows; r++) scores[r * keys] = _mm512_reduce_add_ps(dot(r));
+    });
 }
 
 // out[r] = sum over the item's segments and their keys n of probs[r * width + at + n] * value_n, for RB
@@ -158,6 +149,7 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
     constexpr int D = 16 * C;
     constexpr int RB = C <= 4 ? 4 : C <= 8 ? 2 : 1;  // rows whose outputs fit in registers with a value
     static_assert(RB == 4 || RB == 2 || RB == 1, "the leftover rows below are at most one pair and one single");
+    constexpr bool BF16_DOT = std::is_same_v<T, c10::BFloat16> && C % 2 == 0;  // 32-element vdpbf16ps chunks
     // Rows are (query of the tile, head of the group), queries with no token (-1) left out.
     std::vector<int64_t> row_query;
     for (int64_t i = 0; i < p.tile; i++)
@@ -205,7 +197,7 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
                     y[d + D / 2] = (x[d + D / 2] * cs[d + D / 2] + x[d] * sn[d + D / 2]) * scale;
                 }
             }
-            if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+            if constexpr (BF16_DOT) {
                 s.q_bf.resize(rows * D);
                 for (int64_t i = 0; i < rows * D; i += 32) {
                     const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(&s.q_rot[i + 16]), _mm512_loadu_ps(&s.q_rot[i]));
@@ -216,7 +208,7 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
                 const T* key = k_head + int64_t(seg.slots[n]) * pool_stride_s;
                 if (n + PREFETCH_KEYS < seg.keys)
                     prefetch_row<T, D>(k_head + int64_t(seg.slots[n + PREFETCH_KEYS]) * pool_stride_s);
-                if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0)
+                if constexpr (BF16_DOT)
                     score_key_bf16<C>(key, s.q_bf.data(), rows, &s.scores[seg.at + n], width);
                 else
                     score_key<C>(key, s.q_rot.data(), rows, &s.scores[seg.at + n], width);
