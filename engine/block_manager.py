@@ -13,13 +13,12 @@ import torch
 
 
 class PagePool:
-    def __init__(self, num_pages: int, page_size: int, device: torch.device):
+    def __init__(self, num_pages: int, page_size: int):
         self.num_pages = num_pages
         self.page_size = page_size
-        self.device = device
         self._free = list(range(num_pages - 1, -1, -1))
         self.reserved = 0
-        self._offsets = torch.arange(page_size, device=device)
+        self._offsets = torch.arange(page_size)
 
     @property
     def unreserved(self) -> int:
@@ -49,7 +48,8 @@ class PagePool:
         return len(self._free)
 
     def slots_of(self, pages: list[int]) -> torch.Tensor:
-        ids = torch.tensor(pages, dtype=torch.long, device=self.device)
+        """Pool slots of the pages' tokens, as a host tensor: steps are planned on the host."""
+        ids = torch.tensor(pages, dtype=torch.long)
         return (ids[:, None] * self.page_size + self._offsets).flatten()
 
 

@@ -42,6 +42,7 @@ class EngineOptions:
     max_running_jobs: int = 64
     max_queued_jobs: int = 256
     cpu_kernels: bool = True  # the C++ kernels on CPUs with AVX512-BF16 (engine/layers/cpu_kernels.py)
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA, triton attention)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -84,8 +85,15 @@ class Engine:
         ):
             model.use_kernel(torch.ops.hogwild_cpu.linear_bf16)
         self.model = model
-        self.pool = PagePool(self._num_pages(), self.options.page_size, self.device)
-        self.runner = ModelRunner(model, rotary, self.pool, self.options.attention, self.dtype)
+        self.pool = PagePool(self._num_pages(), self.options.page_size)
+        self.runner = ModelRunner(
+            model,
+            rotary,
+            self.pool,
+            self.options.attention,
+            self.dtype,
+            cuda_graphs=opts.cuda_graphs and self.device.type == "cuda",
+        )
         self.eos_ids = self._eos_ids(hf_model)
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Job] = deque()

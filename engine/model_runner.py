@@ -1,13 +1,21 @@
-"""Runs one forward pass for the rows of all jobs and owns the K/V tensors of the pool."""
+"""Runs one forward pass for the rows of all jobs and owns the K/V tensors of the pool.
+
+A step is planned on the host (token ids, slots, positions, the attention's plan) and its int32 tensors go
+to the device in one copy that does not block the host, so a GPU step waits on the host only where the
+sampled tokens are read back. Steps of the fused kernel can be replayed from CUDA graphs
+(engine/step_graphs.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from engine.block_manager import Block, PagePool
 from engine.layers.attention import ATTENTION_BACKENDS, Attention, RowSpec
+from engine.layers.kernel_plan import FusedAttention, KernelPlan
 from engine.layers.rotary import Rotary, rotate
 from engine.models.llama import LlamaModel, StepInputs
 
@@ -22,18 +30,102 @@ class Row:
     want_logits: bool
 
 
+@dataclass
+class StepBatch:
+    """A step's inputs as int32 tensors: on the host when planned, on the device once sent."""
+
+    ids: torch.Tensor  # [N] the rows' new tokens, packed row after row
+    write_slots: torch.Tensor  # [N] pool slot of each new token
+    q_pos: torch.Tensor  # [N] view position of each query
+    k_pos: torch.Tensor  # [N] block-local position of each new key
+    last: torch.Tensor  # [R] packed index of each token whose logits are wanted
+    plan: Any  # the attention's plan; a KernelPlan is sent with the tensors above
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        own = [self.ids, self.write_slots, self.q_pos, self.k_pos, self.last]
+        return own + self.plan.tensors if isinstance(self.plan, KernelPlan) else own
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> StepBatch:
+        ids, write_slots, q_pos, k_pos, last, *rest = tensors
+        plan = self.plan.with_tensors(rest) if isinstance(self.plan, KernelPlan) else self.plan
+        return StepBatch(ids, write_slots, q_pos, k_pos, last, plan)
+
+    def padded(self, tokens: int, spare_slot: int) -> StepBatch:
+        """The batch grown to ``tokens`` tokens (and as many ``last`` entries): pad tokens write to the
+        spare slot, which nothing reads. The plan is padded separately (KernelPlan.padded)."""
+
+        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.cat([x, x.new_full((tokens - len(x),), value)])
+
+        return replace(
+            self,
+            ids=pad(self.ids, 0),
+            write_slots=pad(self.write_slots, spare_slot),
+            q_pos=pad(self.q_pos, 0),
+            k_pos=pad(self.k_pos, 0),
+            last=pad(self.last, 0),
+        )
+
+
+class Staging:
+    """Sends host int32 tensors to the device in one copy. On CUDA they are packed into a pinned buffer and
+    copied without blocking the host; the buffer is refilled only after its last copy has run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host: torch.Tensor | None = None
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def send(self, tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The tensors on the device, as views of ``out`` (a new buffer if None; on the CPU, themselves)."""
+        if out is None and self.device.type == "cpu":
+            return tensors
+        sizes = [t.numel() for t in tensors]
+        total = sum(sizes)
+        if out is None:
+            out = torch.empty(total, dtype=torch.int32, device=self.device)
+        flat = [t.flatten() for t in tensors]
+        if self.copied is None:
+            torch.cat(flat, out=out[:total])
+        else:
+            if self.host is None or len(self.host) < total:
+                self.host = torch.empty(max(total, 1 << 16), dtype=torch.int32, pin_memory=True)
+            self.copied.synchronize()
+            torch.cat(flat, out=self.host[:total])
+            out[:total].copy_(self.host[:total], non_blocking=True)
+            self.copied.record()
+        return [v.view(t.shape) for v, t in zip(out[:total].split(sizes), tensors, strict=True)]
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, rotary: Rotary, pool: PagePool, attention: str, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: LlamaModel,
+        rotary: Rotary,
+        pool: PagePool,
+        attention: str,
+        dtype: torch.dtype,
+        cuda_graphs: bool = False,
+    ):
         shape = model.shape
         self.model, self.rotary, self.pool, self.dtype = model, rotary, pool, dtype
-        self.device = pool.device
+        self.device = rotary.device
         self.attention: Attention = ATTENTION_BACKENDS[attention]()
+        # One slot past the pages, which no block owns: the pad tokens of a CUDA graph write their K/V there.
+        self.spare_slot = pool.num_pages * pool.page_size
         # Stored head-major, [layers, kv_heads, slots, d], seen by everyone as [layers, slots, kv_heads, d]:
         # a gather of one head's keys then reads 2*d-byte runs into [kv_heads, keys, d], the layout the
         # attention matmuls take without a transposing copy (on the CPU that copy cost more than the matmul).
-        size = (shape.num_layers, shape.num_kv_heads, pool.num_pages * pool.page_size, shape.head_dim)
+        size = (shape.num_layers, shape.num_kv_heads, self.spare_slot + 1, shape.head_dim)
         self.k_pool = torch.zeros(size, dtype=dtype, device=self.device).transpose(1, 2)
         self.v_pool = torch.zeros(size, dtype=dtype, device=self.device).transpose(1, 2)
+        self.staging = Staging(self.device)
+        self.graphs = None
+        if cuda_graphs and isinstance(self.attention, FusedAttention):
+            from engine.step_graphs import StepGraphs
+
+            self.graphs = StepGraphs(self)
 
     @torch.inference_mode()
     def run(self, rows: list[Row], write_slots: list[torch.Tensor]) -> torch.Tensor:
@@ -42,6 +134,14 @@ class ModelRunner:
         Every row's block has already been extended by its tokens (``write_slots`` are their slots), so the
         views' lengths include this step's tokens of all rows.
         """
+        batch = self.plan(rows, write_slots)
+        hidden = self.graphs.run(batch) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.forward(batch.with_tensors(self.staging.send(batch.tensors)))
+        return self.model.logits(hidden)
+
+    def plan(self, rows: list[Row], write_slots: list[torch.Tensor]) -> StepBatch:
+        """The step's inputs on the host."""
         specs, q_pos, k_pos, ids, last = [], [], [], [], []
         start = 0
         for row in rows:
@@ -52,17 +152,35 @@ class ModelRunner:
                 offsets += len(block)
             specs.append(RowSpec(start, n, blocks))
             local = len(row.block) - n
-            k_pos.append(torch.arange(local, local + n))
-            q_pos.append(torch.arange(offsets - n, offsets))
+            k_pos.append(torch.arange(local, local + n, dtype=torch.int32))
+            q_pos.append(torch.arange(offsets - n, offsets, dtype=torch.int32))
             ids.extend(row.tokens)
             start += n
             if row.want_logits:
                 last.append(start - 1)
-        device = self.device
-        q_cos, q_sin = self.rotary.cos_sin(torch.cat(q_pos).to(device), scaled=True)
-        k_cos, k_sin = self.rotary.cos_sin(torch.cat(k_pos).to(device), scaled=True)
+        attention = self.attention
+        plan = (
+            attention.host_plan(specs)
+            if isinstance(attention, FusedAttention)
+            else attention.plan(specs, self.rotary, self.dtype)
+        )
+        return StepBatch(
+            ids=torch.tensor(ids, dtype=torch.int32),
+            write_slots=torch.cat(write_slots).to(torch.int32),
+            q_pos=torch.cat(q_pos),
+            k_pos=torch.cat(k_pos),
+            last=torch.tensor(last, dtype=torch.int32),
+            plan=plan,
+        )
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Hidden states [R, hidden] at ``batch.last``, from a batch on the device; no host sync (a CUDA
+        graph captures this)."""
+        q_cos, q_sin = self.rotary.cos_sin(batch.q_pos, scaled=True)
+        k_cos, k_sin = self.rotary.cos_sin(batch.k_pos, scaled=True)
+        plan = batch.plan.rotated(self.rotary) if isinstance(batch.plan, KernelPlan) else batch.plan
         step = StepInputs(
-            write_slots=torch.cat(write_slots),
+            write_slots=batch.write_slots.long(),
             q_cos=q_cos[:, None].to(self.dtype),
             q_sin=q_sin[:, None].to(self.dtype),
             k_cos=k_cos[:, None].to(self.dtype),
@@ -70,15 +188,16 @@ class ModelRunner:
             k_pool=self.k_pool,
             v_pool=self.v_pool,
             attention=self.attention,
-            plan=self.attention.plan(specs, self.rotary, self.dtype),
+            plan=plan,
         )
-        hidden = self.model(torch.tensor(ids, device=device), step)
-        return self.model.logits(hidden[torch.tensor(last, device=device, dtype=torch.long)])
+        return self.model(batch.ids, step)[batch.last]
 
     @torch.inference_mode()
     def move(self, src: torch.Tensor, dst: torch.Tensor, shift: int) -> None:
-        """Copy K/V from slots src to dst in every layer, rotating keys by ``shift`` positions."""
-        cos, sin = self.rotary.cos_sin(torch.tensor([shift], device=self.device), scaled=False)
+        """Copy K/V from slots src to dst (host tensors) in every layer, rotating keys by ``shift``
+        positions."""
+        src, dst = src.to(self.device, non_blocking=True), dst.to(self.device, non_blocking=True)
+        cos, sin = self.rotary.cos_sin(torch.tensor([shift]).to(self.device, non_blocking=True), scaled=False)
         keys = self.k_pool[:, src]
         self.k_pool[:, dst] = rotate(keys, cos.to(self.dtype), sin.to(self.dtype))
         self.v_pool[:, dst] = self.v_pool[:, src]

@@ -31,20 +31,20 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # 
 class Pages:
     """Hands out the pool's pages in random order, so blocks are scattered like a busy pool's."""
 
-    def __init__(self, num_pages: int, gen: torch.Generator, device: str):
+    def __init__(self, num_pages: int, gen: torch.Generator):
         self.free = torch.randperm(num_pages, generator=gen).tolist()
-        self.device = device
 
     def block(self, length: int) -> torch.Tensor:
         pages = torch.tensor([self.free.pop() for _ in range(-(-length // PAGE_SIZE))], dtype=torch.long)
-        return (pages[:, None] * PAGE_SIZE + torch.arange(PAGE_SIZE)).flatten()[:length].to(self.device)
+        return (pages[:, None] * PAGE_SIZE + torch.arange(PAGE_SIZE)).flatten()[:length]
 
 
 def random_step(
-    workers: list[int], gen: torch.Generator, prefill: int = 0, multi_token: bool = True, device: str = "cpu"
+    workers: list[int], gen: torch.Generator, prefill: int = 0, multi_token: bool = True
 ) -> list[RowSpec]:
-    """Rows of jobs with the given worker counts (combined layout), then one prefill row of ``prefill``."""
-    pages = Pages(1024, gen, device)
+    """Rows of jobs with the given worker counts (combined layout), then one prefill row of ``prefill``;
+    their slots are host tensors, as the engine's are."""
+    pages = Pages(1024, gen)
 
     def randint(low: int, high: int) -> int:
         return int(torch.randint(low, high + 1, (1,), generator=gen))

@@ -19,10 +19,13 @@ pytest.importorskip("triton")  # the dev extra installs it
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 
+import engine.step_graphs as step_graphs  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention  # noqa: E402
+from engine.layers.kernel_plan import PlanSize  # noqa: E402
 from engine.layers.triton_attention import TritonAttention  # noqa: E402
-from tests.attention_cases import CASES, compare, random_step, rotary_for  # noqa: E402
+from engine.step_graphs import StepGraphs  # noqa: E402
+from tests.attention_cases import CASES, PAGE_SIZE, compare, random_step, rotary_for  # noqa: E402
 from tests.models import tiny_model  # noqa: E402
 from tests.test_oracle import check_against_reference  # noqa: E402
 
@@ -35,20 +38,20 @@ def test_kernel_matches_reference_in_float32(
     head_dim: int, heads: int, kv_heads: int, workers: list[int], prefill: int
 ) -> None:
     gen = torch.Generator().manual_seed(head_dim + sum(workers))
-    rows = random_step(workers, gen, prefill, device=DEVICE)
+    rows = random_step(workers, gen, prefill)
     compare(KERNEL, rows, heads, kv_heads, head_dim, torch.float32, gen, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_in_half_precision(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(7)
-    compare(KERNEL, random_step([3, 1], gen, prefill=12, device=DEVICE), 8, 2, 80, dtype, gen, DEVICE)
+    compare(KERNEL, random_step([3, 1], gen, prefill=12), 8, 2, 80, dtype, gen, DEVICE)
 
 
 def test_shared_first_block_is_read_once_per_job() -> None:
     """A job's rows make one tile over `common`; each row's other blocks form one item of its own."""
     gen = torch.Generator().manual_seed(0)
-    rows = random_step([4, 2], gen, multi_token=False, device=DEVICE)
+    rows = random_step([4, 2], gen, multi_token=False)
     plan = TritonAttention(chunk=10**6).plan(rows, rotary_for(64, DEVICE), torch.float32)
     commons = {r.blocks[0][0].data_ptr(): len(r.blocks[0][0]) for r in rows}
     others = [len(s) for r in rows for s, _ in r.blocks[1:] if len(s)]
@@ -72,3 +75,55 @@ def test_engine_with_triton_matches_reference(tok: Any) -> None:
     job = eng.generate("Add 2 and 3.", workers=3, max_tokens=16, finisher=False, trace=True)
     assert check_against_reference(model, job) >= 12 * 3
     assert any(s.rollovers for s in job.trace)  # headers: rows of several tokens
+
+
+def test_padded_plan_gives_the_same_outputs() -> None:
+    """A CUDA graph's plan: pad keys, pieces, items, partials and query columns change nothing, and pad
+    tokens (rows past the step's tokens) come out as zeros."""
+    gen = torch.Generator().manual_seed(3)
+    rows = random_step([3, 2], gen, prefill=10)
+    tokens = sum(r.num_tokens for r in rows)
+    plan = KERNEL.host_plan(rows)
+    have = plan.size
+    size = PlanSize(
+        have.keys + 50, have.pieces + 7, have.items + 9, have.parts + 30, tokens + 5, have.tile * 2
+    )
+    padded = plan.padded(size)
+    assert padded.size == size
+    q = torch.randn(size.tokens, 8, 64, generator=gen).to(DEVICE)
+    k_pool, v_pool = torch.randn(2, 1024 * PAGE_SIZE, 2, 64, generator=gen).to(DEVICE)
+    rotary = rotary_for(64, DEVICE)
+
+    def run(p: Any) -> torch.Tensor:
+        placed = p.with_tensors([t.to(DEVICE) for t in p.tensors]).rotated(rotary)
+        return KERNEL(q, k_pool, v_pool, placed, 0.125)
+
+    expected, actual = run(plan), run(padded)
+    torch.testing.assert_close(actual[:tokens], expected[:tokens], atol=1e-6, rtol=1e-6)
+    assert torch.all(actual[tokens:] == 0)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa4", "qwen3-qknorm"])
+def test_engine_steps_from_static_graph_buffers_match_reference(
+    tok: Any, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps padded into static graph buffers (captured and replayed on CUDA; run from the same
+    buffers on the CPU), with sizes small enough that growing contexts re-capture."""
+    monkeypatch.setattr(
+        step_graphs, "MIN_SIZE", PlanSize(keys=16, pieces=4, items=4, parts=8, tokens=0, tile=0)
+    )
+    model = tiny_model(family, tok)
+    torch.nn.Module.to(model, DEVICE)
+    eng = Engine.from_hf(model, tok, page_size=4, num_pages=4096, attention="triton", prefill_chunk=96)
+    graphs = eng.runner.graphs = StepGraphs(eng.runner, capture=DEVICE == "cuda")
+    jobs = [
+        eng.submit(p, workers=w, max_tokens=16, finisher=False, trace=True)
+        for p, w in [("Add 2 and 3.", 3), ("Hi", 2)]
+    ]
+    while not all(j.ended for j in jobs):
+        eng.step()
+    for job in jobs:
+        assert check_against_reference(model, job) >= 12 * job.options.workers
+    assert graphs.replays >= 10  # steps whose shapes were captured before
+    assert graphs.captures > len(graphs.graphs)  # some graph outgrew its sizes
+    assert any(s.rollovers for s in jobs[0].trace)

@@ -46,7 +46,8 @@ class RowSpec:
 
     start: int
     num_tokens: int
-    blocks: list[tuple[torch.Tensor, int]]  # (pool slots of the block's visible tokens, offset), view order
+    blocks: list[tuple[torch.Tensor, int]]  # (pool slots of the block's visible tokens, offset), view order;
+    # the slots are host tensors: a step is planned on the host and its plan sent to the device at once
 
     @property
     def view_len(self) -> int:
@@ -76,6 +77,7 @@ class ReferenceAttention:
             for slots, offset in row.blocks:
                 cos, sin = plan.rotary.cos_sin(torch.tensor([-offset], device=q.device), scaled=False)
                 qb = rotate(qr, cos, sin)
+                slots = slots.to(q.device)
                 k = k_pool[slots].float()  # [Lb, kvh, d]
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 s = torch.einsum("thd,lhd->htl", qb, k) * scale
@@ -136,8 +138,8 @@ class VectorizedAttention:
 
     @staticmethod
     def _plan_group(rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> GroupPlan:
-        device = rows[0].blocks[0][0].device
-        empty = torch.empty(0, dtype=torch.long, device=device)
+        """Built on the host (the rows' slots are host tensors), then moved to the device."""
+        empty = torch.empty(0, dtype=torch.long)
         heads: dict[tuple[tuple[int, int], ...], int] = {}  # the head's blocks, by storage -> job
         head_slots: list[torch.Tensor] = []
         seats, counts_by_job, tails, tail_offsets, head_lens = [], [], [], [], []
@@ -156,40 +158,41 @@ class VectorizedAttention:
             tails.append(torch.cat([s for s, _ in tail]) if tail else empty)
             tail_offsets.append(
                 torch.repeat_interleave(
-                    torch.tensor([o for _, o in tail], dtype=torch.long, device=device),
-                    torch.tensor([len(s) for s, _ in tail], dtype=torch.long, device=device),
+                    torch.tensor([o for _, o in tail], dtype=torch.long),
+                    torch.tensor([len(s) for s, _ in tail], dtype=torch.long),
                 )
             )
         width = max(counts_by_job)
         heads_padded = pad_sequence(head_slots, batch_first=True)
         tail_slots = pad_sequence(tails, batch_first=True)
-        cos, sin = rotary.cos_sin(pad_sequence(tail_offsets, batch_first=True), scaled=False)
-        head_len = torch.tensor(head_lens, device=device)[:, None]
-        tail_len = torch.tensor([len(t) for t in tails], device=device)[:, None]
-        h = torch.arange(heads_padded.shape[1], device=device)[None, :]
-        t_ = torch.arange(tail_slots.shape[1], device=device)[None, :]
+        device = rotary.device
+        cos, sin = rotary.cos_sin(pad_sequence(tail_offsets, batch_first=True).to(device), scaled=False)
+        head_len = torch.tensor(head_lens)[:, None]
+        tail_len = torch.tensor([len(t) for t in tails])[:, None]
+        h = torch.arange(heads_padded.shape[1])[None, :]
+        t_ = torch.arange(tail_slots.shape[1])[None, :]
         key_pos = torch.cat(
             [torch.where(h < head_len, h, NEVER), torch.where(t_ < tail_len, head_len + t_, NEVER)], dim=1
         )
         num_t = max(r.num_tokens for r in rows)
-        t = torch.arange(num_t, device=device)
-        starts = torch.tensor([r.start for r in rows], device=device)[:, None]
-        counts = torch.tensor([r.num_tokens for r in rows], device=device)[:, None]
-        view_lens = torch.tensor([r.view_len for r in rows], device=device)[:, None]
+        t = torch.arange(num_t)
+        starts = torch.tensor([r.start for r in rows])[:, None]
+        counts = torch.tensor([r.num_tokens for r in rows])[:, None]
+        view_lens = torch.tensor([r.view_len for r in rows])[:, None]
         valid = t[None, :] < counts
         query_index = torch.where(valid, starts + t[None, :], starts)
         query_pos = view_lens - counts + t[None, :]
         flat_valid = valid.flatten()
         return GroupPlan(
-            query_index=query_index.flatten(),
-            src=flat_valid.nonzero().squeeze(1),
-            dst=query_index.flatten()[flat_valid],
-            head_slots=heads_padded,
-            tail_slots=tail_slots,
+            query_index=query_index.flatten().to(device),
+            src=flat_valid.nonzero().squeeze(1).to(device),
+            dst=query_index.flatten()[flat_valid].to(device),
+            head_slots=heads_padded.to(device),
+            tail_slots=tail_slots.to(device),
             seat=torch.tensor([j * width + w for j, w in seats], device=device),
             tail_cos=cos.to(dtype),
             tail_sin=sin.to(dtype),
-            mask=(key_pos[:, None, :] <= query_pos[:, :, None])[:, None],
+            mask=(key_pos[:, None, :] <= query_pos[:, :, None])[:, None].to(device),
             rows=len(rows),
             tokens=num_t,
             jobs=len(head_slots),
@@ -298,7 +301,7 @@ class CpuAttention:
         short = [r for r in rows if r.num_tokens <= SHORT_ROW_TOKENS]
         long = [r for r in rows if r.num_tokens > SHORT_ROW_TOKENS]
         return CpuPlan(
-            build_plan(short, rotary, self.chunk, self.tile_tokens) if short else None,
+            build_plan(short, self.chunk, self.tile_tokens).rotated(rotary) if short else None,
             self.vectorized.plan(long, rotary, dtype) if long else None,
         )
 

@@ -13,37 +13,116 @@ Why this cut:
   only a few rows;
 - a row of many tokens (a header after a rollover, a prefill chunk) is a row with several tiles, and one
   mask, *key view position <= query view position*, gives causality inside its own block.
+
+The plan is built on the host as int32 tensors, which the model runner sends to the device in one copy with
+the step's other inputs. A CUDA graph takes it padded to fixed sizes (``padded``): pad pieces have no keys,
+pad items no pieces and no queries, pad tokens no partials, so the kernels' grids are fixed by the sizes and
+the extra programs end at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from itertools import chain
+from typing import Any
 
 import torch
 
 from engine.layers.attention import RowSpec
 from engine.layers.rotary import Rotary
 
+INDEX_FIELDS = (
+    "key_slots", "piece_start", "piece_len", "piece_pos", "piece_offset", "item_pieces",
+    "query_index", "query_pos", "part", "part_start",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PlanSize:
+    """The shapes of a plan: what a CUDA graph's static plan must hold."""
+
+    keys: int
+    pieces: int
+    items: int
+    parts: int  # rows of the partial-result scratch
+    tokens: int
+    tile: int  # query tokens per item
+
+    def holds(self, other: PlanSize) -> bool:
+        return all(getattr(self, f.name) >= getattr(other, f.name) for f in fields(self))
+
 
 @dataclass
 class KernelPlan:
-    """Per-step metadata shared by every layer; all tensors int32 on the pool's device unless noted."""
+    """Per-step metadata shared by every layer: int32 tensors, built on the host."""
 
     key_slots: torch.Tensor  # [keys] pool slots of every key run, runs back to back
     piece_start: torch.Tensor  # [pieces] the piece's first key in key_slots
     piece_len: torch.Tensor  # [pieces]
     piece_pos: torch.Tensor  # [pieces] view position of the piece's first key
-    cos: torch.Tensor  # [pieces, d] float32: rotation of the queries by minus the block's offset ...
-    sin: torch.Tensor  # ... with the sign of rotate_half folded into sin
+    piece_offset: torch.Tensor  # [pieces] view offset of the piece's block
     item_pieces: torch.Tensor  # [items + 1] item i attends pieces item_pieces[i] .. item_pieces[i+1]
     query_index: torch.Tensor  # [items, tile] packed token of each query (pads: -1)
     query_pos: torch.Tensor  # [items, tile] view position of each query
     part: torch.Tensor  # [items, tile] scratch row of each (item, query) partial
     part_start: torch.Tensor  # [tokens + 1] token t's partials are rows part_start[t] .. part_start[t+1]
-    tokens: int
     parts: int
-    tile: int
+    # Set by ``rotated``, float32 [pieces, d]: rotation of the queries by minus the piece's block offset,
+    # with the sign of rotate_half folded into sin.
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in INDEX_FIELDS]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.part_start) - 1
+
+    @property
+    def tile(self) -> int:
+        return self.query_index.shape[1]
+
+    @property
+    def size(self) -> PlanSize:
+        items = len(self.item_pieces) - 1
+        return PlanSize(len(self.key_slots), len(self.piece_start), items, self.parts, self.tokens, self.tile)
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> KernelPlan:
+        """The plan over ``tensors``: its own index tensors, moved (to the device)."""
+        named: dict[str, Any] = dict(zip(INDEX_FIELDS, tensors, strict=True))
+        return replace(self, **named)
+
+    def rotated(self, rotary: Rotary) -> KernelPlan:
+        """The plan with the queries' rotations, computed on the plan's device (inside a CUDA graph too)."""
+        cos, sin = rotary.cos_sin(-self.piece_offset, scaled=False)
+        half = cos.shape[-1] // 2
+        sign = torch.cat([-torch.ones(half, device=cos.device), torch.ones(half, device=cos.device)])
+        return replace(self, cos=cos, sin=sin * sign)
+
+    def padded(self, size: PlanSize) -> KernelPlan:
+        """This (host) plan grown to ``size``: pads attend nothing and own nothing."""
+
+        def pad(x: torch.Tensor, shape: tuple[int, ...], value: int) -> torch.Tensor:
+            out = torch.full(shape, value, dtype=x.dtype)
+            out[tuple(slice(0, n) for n in x.shape)] = x
+            return out
+
+        pieces, items = (size.pieces,), (size.items, size.tile)
+        return KernelPlan(
+            key_slots=pad(self.key_slots, (size.keys,), 0),
+            piece_start=pad(self.piece_start, pieces, 0),
+            piece_len=pad(self.piece_len, pieces, 0),
+            piece_pos=pad(self.piece_pos, pieces, 0),
+            piece_offset=pad(self.piece_offset, pieces, 0),
+            item_pieces=pad(self.item_pieces, (size.items + 1,), int(self.item_pieces[-1])),
+            query_index=pad(self.query_index, items, -1),
+            query_pos=pad(self.query_pos, items, -1),
+            part=pad(self.part, items, -1),
+            part_start=pad(self.part_start, (size.tokens + 1,), int(self.part_start[-1])),
+            parts=size.parts,
+        )
 
 
 class _Layout:
@@ -92,8 +171,8 @@ class _Layout:
                     item_keys += keys
 
 
-def build_plan(rows: list[RowSpec], rotary: Rotary, chunk: int, tile_tokens: int) -> KernelPlan:
-    device = rows[0].blocks[0][0].device
+def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int) -> KernelPlan:
+    """The host plan of a step's rows (their slots are host tensors)."""
     layout = _Layout(chunk, tile_tokens)
     # Rows whose first block is the same tensor (the job's `common`, cached by the Block) share it.
     groups: dict[tuple[int, int, int], list[RowSpec]] = {}
@@ -126,26 +205,37 @@ def build_plan(rows: list[RowSpec], rotary: Rotary, chunk: int, tile_tokens: int
     part_start = torch.bincount(owners, minlength=tokens).cumsum(0)
     part_start = torch.cat([torch.zeros(1, dtype=torch.long), part_start])
 
-    cos, sin = rotary.cos_sin(-piece_offset.to(device), scaled=False)
-    half = cos.shape[-1] // 2
-    sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
-
-    def dev(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=device, dtype=torch.int32)
+    def int32(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.int32)
 
     return KernelPlan(
-        key_slots=dev(torch.cat(layout.runs)),
-        piece_start=dev(piece_first),
-        piece_len=dev(piece_keys),
-        piece_pos=dev(piece_pos),
-        cos=cos,
-        sin=sin * sign,
-        item_pieces=dev(torch.tensor([*layout.item_pieces, len(layout.pieces)])),
-        query_index=dev(query_index),
-        query_pos=dev(query_pos),
-        part=dev(part),
-        part_start=dev(part_start),
-        tokens=tokens,
+        key_slots=int32(torch.cat(layout.runs)),
+        piece_start=int32(piece_first),
+        piece_len=int32(piece_keys),
+        piece_pos=int32(piece_pos),
+        piece_offset=int32(piece_offset),
+        item_pieces=int32(torch.tensor([*layout.item_pieces, len(layout.pieces)])),
+        query_index=int32(query_index),
+        query_pos=int32(query_pos),
+        part=int32(part),
+        part_start=int32(part_start),
         parts=len(owners),
-        tile=query_index.shape[1],
     )
+
+
+class FusedAttention:
+    """A backend that runs one kernel plan for all rows (the Triton kernel). The model runner sends such a
+    plan to the device with the step's inputs in one copy, and can replay its steps from CUDA graphs.
+
+    ``chunk`` is about the keys of one item (split-K), ``tile_tokens`` bounds the query tokens of one item.
+    """
+
+    def __init__(self, chunk: int = 256, tile_tokens: int = 64):
+        self.chunk, self.tile_tokens = chunk, tile_tokens
+
+    def host_plan(self, rows: list[RowSpec]) -> KernelPlan:
+        return build_plan(rows, self.chunk, self.tile_tokens)
+
+    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
+        plan = self.host_plan(rows)
+        return plan.with_tensors([t.to(rotary.device) for t in plan.tensors]).rotated(rotary)

@@ -40,6 +40,7 @@ class Rotary:
             scaling = 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
+        self.device = device
         self.inv_freq = inv_freq.float().to(device)
         self.scaling = float(scaling)
 

@@ -18,9 +18,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from engine.layers.attention import RowSpec
-from engine.layers.kernel_plan import KernelPlan, build_plan
-from engine.layers.rotary import Rotary
+from engine.layers.kernel_plan import FusedAttention, KernelPlan
 
 LOG2E = 1.4426950408889634
 # A finite start for the running max: a query may see none of an item's keys (the causal part of its own
@@ -158,22 +156,13 @@ def _merge_kernel(
         out = tl.load(part_out_ptr + stat[:, None] * DIM + d[None, :], mask=live[:, None] & mask, other=0.0)
         acc = acc * alpha[:, None] + out * beta[:, None]
         m_run = m_new
-    out = acc / tl.where(row_ok, l_run, 1.0)[:, None]
+    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]  # a pad token (CUDA graphs) has no partials: 0
     out_rows = out_ptr + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-class TritonAttention:
-    """The fused GPU path; any head_dim, GQA ratio and dtype (float32 dots run in full precision).
-
-    ``chunk`` is about the keys of one item (split-K), ``tile_tokens`` bounds the query tokens of one item.
-    """
-
-    def __init__(self, chunk: int = 256, tile_tokens: int = 64):
-        self.chunk, self.tile_tokens = chunk, tile_tokens
-
-    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
-        return build_plan(rows, rotary, self.chunk, self.tile_tokens)
+class TritonAttention(FusedAttention):
+    """The fused GPU path; any head_dim, GQA ratio and dtype (float32 dots run in full precision)."""
 
     def __call__(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KernelPlan, scale: float
