@@ -73,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=32, help="generated tokens per sequence / worker")
     p.add_argument("--repeats", type=int, default=1, help="runs per row; the median is reported")
     p.add_argument("--attention", default=EngineOptions.attention, help="the engine's attention backend")
+    p.add_argument(
+        "--cuda-graphs",
+        choices=["true", "false"],
+        default="true",
+        help="replay decode steps from CUDA graphs (CUDA with triton attention)",
+    )
     p.add_argument("--no-generate", action="store_true", help="skip transformers generate")
     p.add_argument("--no-independent", action="store_true", help="skip the independent-jobs rows")
     p.add_argument(
@@ -137,6 +143,11 @@ def run_prefill(eng: Any, jobs: list[Any]) -> None:
         raise RuntimeError(f"job ended during prefill: {failed[0].status} {failed[0].error}")
 
 
+# Untimed decode steps before the window: the first steps at a new shape (or a longer context) capture a
+# CUDA graph, which a window of a few dozen steps must not include.
+WARM_STEPS = 3
+
+
 def head_start(prompt_tokens: int, jobs: int, prefill_chunk: int) -> int:
     """Decode steps the first of ``jobs`` jobs may take while the others prefill: a prompt takes one step
     per chunk, plus one per static header block."""
@@ -147,8 +158,10 @@ def bench_jobs(eng: Any, prompt: str, workers: int, jobs: int, tokens: int) -> R
     """``jobs`` jobs of ``workers`` workers each: ``tokens`` steps once every sequence decodes, timed as
     (decode s, tokens, steps) after the first of them, then (s, tokens) including it; then cancelled."""
     extra = head_start(len(eng.prompt_ids(prompt, workers)), jobs, eng.options.prefill_chunk)
-    batch = [submit(eng, prompt, workers, tokens + extra) for _ in range(jobs)]
+    batch = [submit(eng, prompt, workers, tokens + extra + WARM_STEPS) for _ in range(jobs)]
     run_prefill(eng, batch)
+    for _ in range(WARM_STEPS):
+        eng.step()
 
     def generated() -> int:
         return sum(w.generated for job in batch for w in job.workers)
@@ -298,6 +311,7 @@ def main(args: argparse.Namespace) -> int:
         kv_tokens=widest * (longest + 1024 + 2 * (args.tokens + extra)),
         attention=args.attention,
         max_workers=max(widest, EngineOptions.max_workers),
+        cuda_graphs=args.cuda_graphs == "true",
     )
     floor = models.weight_floor(eng)
     common.log(f"{loaded.label}: {floor.describe()}")
@@ -339,9 +353,11 @@ def main(args: argparse.Namespace) -> int:
         f.speedup_vs_generate = f.tokens_per_s / gen.tokens_per_s if gen else None
         f.speedup_vs_1_worker = f.tokens_per_s / one_worker.tokens_per_s if one_worker else None
 
+    graphs = eng.runner.graphs
+    replayed = f", CUDA graphs ({graphs.captures} captures, {graphs.replays} replays)" if graphs else ""
     title = (
-        f"{loaded.label}, {dtype}, {device}, {args.attention} attention: {args.tokens} tokens/sequence; "
-        + floor.describe()
+        f"{loaded.label}, {dtype}, {device}, {eng.options.attention} attention{replayed}: "
+        f"{args.tokens} tokens/sequence; " + floor.describe()
     )
     columns = [
         "run",
@@ -379,6 +395,8 @@ def main(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         **floor.record(),
         "engine_options": asdict(eng.options),
+        "graph_captures": graphs.captures if graphs else None,
+        "graph_replays": graphs.replays if graphs else None,
     }
     if args.profile:
         config["profile"] = profile(eng, prompts[contexts[-1]], widest, args.profile)

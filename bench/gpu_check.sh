@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared run (about 5 minutes on an H100; every step has a time limit, 8 minutes in
-# all): the Triton kernel's tests compiled for the GPU, the attention op alone at the Qwen3-8B shape (4
-# workers on a 16k shared block plus 1k per worker, against one-sequence SDPA and independent sequences),
-# and engine decode steps at 1 and 4 workers at 8k and 16k context against the weight-read floor, with the
-# vectorized torch attention and, when triton is installed, the Triton kernel.
+# The GPU checks as one prepared run (about 5 minutes on an H100; every step has a time limit, under 8
+# minutes in all): the Triton kernel's tests compiled for the GPU (with the engine's steps captured in CUDA
+# graphs and checked against transformers), the attention op alone at the Qwen3-8B shape (4 workers on a 16k
+# shared block plus 1k per worker, against one-sequence SDPA and independent sequences), and engine decode
+# steps at 1 and 4 workers at 8k and 16k context against the weight-read floor, with the vectorized torch
+# attention and, when triton is installed, the Triton kernel run eagerly and from CUDA graphs.
 #
 # Usage: bench/gpu_check.sh   (PYTHON defaults to python3; results go to $OUT if set, else bench/results/)
 # Random weights at the model's shape and a built-in byte tokenizer: nothing is downloaded.
@@ -42,21 +43,27 @@ if "$PYTHON" -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/
 fi
 
 if [[ " ${backends[*]} " == *" triton "* && -f tests/test_triton_attention.py ]]; then
-    step 150 "Triton kernel tests, compiled (TRITON_INTERPRET=0)" \
+    step 110 "Triton kernel tests, compiled (TRITON_INTERPRET=0), CUDA graph steps captured" \
         env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_attention.py
 fi
 
-step 90 "attention op, $SHAPE shape" \
+step 80 "attention op, $SHAPE shape" \
     "$PYTHON" -m bench attention --device "$DEVICE" --shape "$SHAPE" --workers 1 2 4 8 \
     --common 16384 --step-tokens 1024 --out "$DEST/attention_$SHAPE.json" --plot
 
-# generate and the independent jobs once, with the default torch attention; the kernel's run adds its rows.
+# generate and the independent jobs once, with the default torch attention; the kernel's runs add their rows:
+# eager steps, then steps replayed from CUDA graphs (the engine's default on CUDA).
+runs=("vectorized vectorized true")
+if [[ " ${backends[*]} " == *" triton "* ]]; then
+    runs+=("triton triton_eager false" "triton triton_graphs true")
+fi
 extra=()
-for backend in "${backends[@]}"; do
-    step 120 "engine, $SHAPE shape, $backend attention" \
-        "$PYTHON" -m bench engine --device "$DEVICE" --shape "$SHAPE" --attention "$backend" --workers 1 4 \
-        --contexts 8192 16384 --tokens 32 "${extra[@]}" --out "$DEST/engine_${SHAPE}_$backend.json" --plot
-    extra=(--no-generate)
+for run in "${runs[@]}"; do
+    read -r backend name graphs <<< "$run"
+    step 95 "engine, $SHAPE shape, $name" \
+        "$PYTHON" -m bench engine --device "$DEVICE" --shape "$SHAPE" --attention "$backend" --cuda-graphs "$graphs" \
+        --workers 1 4 --contexts 8192 16384 --tokens 32 "${extra[@]}" --out "$DEST/engine_${SHAPE}_$name.json" --plot
+    extra=(--no-generate --no-independent)
 done
 
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED) in $SECONDS s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -9,13 +10,15 @@ import torch
 
 from engine.errors import InvalidRequest
 
+Bias = tuple[tuple[int, float], ...]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), as in OpenAI's API
+    logit_bias: Bias = ()  # (token id, added logit), as in OpenAI's API
 
     def validate(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
@@ -47,6 +50,14 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return torch.softmax(logits, dim=-1)
 
 
+@functools.lru_cache(maxsize=256)
+def bias_tensors(bias: Bias, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logit_bias as (token ids, values) on the device, made once: a copy from the host each step would
+    make the step wait for the device."""
+    ids, values = zip(*bias, strict=True)
+    return torch.tensor(ids, device=device), torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def sample(
     logits: torch.Tensor, groups: list[tuple[slice, SamplingParams, torch.Generator | None]]
 ) -> list[int]:
@@ -55,8 +66,8 @@ def sample(
     if biased:
         logits = logits.clone()
         for rows, bias in biased:
-            ids, values = zip(*bias, strict=False)
-            logits[rows, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+            ids, values = bias_tensors(bias, logits.device)
+            logits[rows, ids] += values
     tokens = logits.argmax(dim=-1)
     for rows, params, generator in groups:
         if params.greedy:

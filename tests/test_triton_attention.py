@@ -8,6 +8,7 @@ compiled kernels on the GPU. Steps are random (tests/attention_cases.py).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import pytest
@@ -127,3 +128,28 @@ def test_engine_steps_from_static_graph_buffers_match_reference(
     assert graphs.replays >= 10  # steps whose shapes were captured before
     assert graphs.captures > len(graphs.graphs)  # some graph outgrew its sizes
     assert any(s.rollovers for s in jobs[0].trace)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host-device synchronisation exists only on a GPU")
+def test_a_replayed_decode_step_waits_for_the_device_once(tok: Any) -> None:
+    """Only reading the sampled tokens back waits for the GPU (torch's sync debug mode flags the rest)."""
+    model = tiny_model("llama-gqa4", tok)
+    torch.nn.Module.to(model, DEVICE)
+    eng = Engine.from_hf(model, tok, page_size=4, num_pages=4096, attention="triton")
+    graphs = eng.runner.graphs
+    assert graphs is not None
+    job = eng.submit("Add 2 and 3.", workers=3, max_tokens=48, finisher=False, logit_bias={100: -1.0})
+    syncs = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        while not job.ended:
+            replays = graphs.replays
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                eng.step()
+            if graphs.replays > replays:
+                syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(syncs) >= 10
+    assert max(syncs) == 1, syncs
