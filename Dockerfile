@@ -1,6 +1,6 @@
 # Hogwild! inference server image. Multi-stage: the build stage makes a virtual environment in /opt/venv;
-# the runtime stage copies it onto the plain base (python3 + CA certificates, no python3-venv; the CPU image
-# adds g++ for the engine's CPU kernels).
+# the runtime stage copies it onto the plain base (python3 + CA certificates, no python3-venv) and adds the
+# compiler the engine's kernels need (g++ for the CPU image, gcc and python3-dev for Triton in the GPU one).
 #
 # GPU (default): CUDA runtime base, torch from PyPI (CUDA build):
 #   docker build -t hogwild-server .
@@ -82,14 +82,15 @@ RUN useradd --system --uid "$HOGWILD_UID" --user-group --create-home --home-dir 
     && mkdir -p /cache \
     && chown hogwild:hogwild /cache
 COPY --from=build /opt/venv /opt/venv
-# The CPU image carries g++: on a CPU with AVX512-BF16 the engine compiles its C++ kernels on first start
-# (about 7 s, into the /cache volume; engine/layers/cpu_kernels.py) and otherwise runs the slower torch paths.
+# Compilers for the engine's kernels, built on first start. The CPU image carries g++: on a CPU with
+# AVX512-BF16 the engine compiles its C++ kernels (about 7 s, into the /cache volume;
+# engine/layers/cpu_kernels.py). The GPU image carries gcc and Python's headers: Triton compiles a small C
+# launcher for its kernels. Without them the engine warns and runs the slower torch paths.
 RUN set -eu; \
-    if [ "$DEVICE" = cpu ]; then \
-        apt-get update; \
-        apt-get install -y --no-install-recommends g++; \
-        rm -rf /var/lib/apt/lists/*; \
-    fi
+    if [ "$DEVICE" = cpu ]; then packages="g++"; else packages="gcc libc6-dev python3-dev"; fi; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends $packages; \
+    rm -rf /var/lib/apt/lists/*
 # Configuration is by environment (HOGWILD_MODEL, HOGWILD_DEVICE, HOGWILD_API_KEY, ...; docs/DEPLOY.md).
 # The model cache (the default model's conversion, Hugging Face downloads) lives in the /cache volume.
 # The system CA store is used for downloads, so a derived image can add a CA the usual way.

@@ -22,9 +22,10 @@ if not INTERPRET and not torch.cuda.is_available():
 
 import engine.step_graphs as step_graphs  # noqa: E402
 from engine import Engine  # noqa: E402
+from engine.layers import attention  # noqa: E402
 from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention  # noqa: E402
 from engine.layers.kernel_plan import PlanSize  # noqa: E402
-from engine.layers.triton_attention import TritonAttention  # noqa: E402
+from engine.layers.triton_attention import TritonAttention, kernel_runs  # noqa: E402
 from engine.step_graphs import StepGraphs  # noqa: E402
 from tests.attention_cases import CASES, PAGE_SIZE, compare, random_step, rotary_for  # noqa: E402
 from tests.models import tiny_model  # noqa: E402
@@ -61,10 +62,13 @@ def test_shared_first_block_is_read_once_per_job() -> None:
     assert sorted((plan.query_index >= 0).sum(1).tolist()) == [1] * len(rows) + [2, 4]
 
 
-def test_auto_picks_triton_on_cuda_only() -> None:
+def test_auto_picks_triton_on_cuda_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_attention("auto", cpu, torch.float32, 64, cpu_kernels=False) == "vectorized"
+    monkeypatch.setattr(attention, "_triton_runs", lambda device: True)
     assert resolve_attention("auto", cuda, torch.bfloat16, 64) == "triton"
+    monkeypatch.setattr(attention, "_triton_runs", lambda device: False)  # no compiler, say
+    assert resolve_attention("auto", cuda, torch.bfloat16, 64) == "vectorized"
     assert resolve_attention("reference", cuda, torch.bfloat16, 64) == "reference"
     assert isinstance(ATTENTION_BACKENDS["triton"](), TritonAttention)
 
@@ -153,3 +157,12 @@ def test_a_replayed_decode_step_waits_for_the_device_once(tok: Any) -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert len(syncs) >= 10
     assert max(syncs) == 1, syncs
+
+
+def test_the_start_up_probe_runs_the_kernel(caplog: pytest.LogCaptureFixture) -> None:
+    """``auto`` checks that the kernels build and run before choosing them (a CUDA runtime image may lack
+    the compiler Triton needs); a device where they cannot run gives a warning and the torch path."""
+    assert kernel_runs(torch.device(DEVICE))
+    if DEVICE == "cpu":  # under the interpreter a CUDA launch fails: no CUDA here
+        assert not kernel_runs(torch.device("cuda"))
+        assert "does not run here" in caplog.text

@@ -327,15 +327,23 @@ def _triton_attention() -> TritonAttention:
     return TritonAttention()
 
 
+def _triton_runs(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from engine.layers.triton_attention import kernel_runs
+
+    return kernel_runs(device)
+
+
 def resolve_attention(
     name: str, device: torch.device, dtype: torch.dtype, head_dim: int, cpu_kernels: bool = True
 ) -> str:
-    """``auto`` is the Triton kernel on CUDA when triton is installed, the C++ kernel on a CPU that builds
-    it (float32 and bfloat16, its head dims), else the vectorized torch path."""
+    """``auto`` is the Triton kernel on CUDA when triton is installed and its kernels run, the C++ kernel on a
+    CPU that builds it (float32 and bfloat16, its head dims), else the vectorized torch path."""
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "triton" if importlib.util.find_spec("triton") else "vectorized"
+        return "triton" if _triton_runs(device) else "vectorized"
     usable = (
         device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim in ATTENTION_HEAD_DIMS
     )

@@ -13,12 +13,18 @@ chosen, because triton is optional and reads ``TRITON_INTERPRET`` when the kerne
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from engine.layers.kernel_plan import FusedAttention, KernelPlan
+from engine.layers.attention import RowSpec
+from engine.layers.kernel_plan import FusedAttention, KernelPlan, build_plan
+
+log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 # A finite start for the running max: a query may see none of an item's keys (the causal part of its own
@@ -234,3 +240,28 @@ class TritonAttention(FusedAttention):
             BLOCK_D=block_d,
         )
         return out
+
+
+@cache
+def kernel_runs(device: torch.device) -> bool:
+    """Whether the kernels build and run on ``device``: Triton compiles a small C launcher on first use, which
+    needs a C compiler and Python's headers at run time (a CUDA runtime image may have neither). Any failure
+    logs one warning; the caller then keeps the torch path."""
+    try:
+        rows = [RowSpec(0, 2, [(torch.arange(4), 0)])]
+        plan = build_plan(rows, chunk=256, tile_tokens=64)
+        plan = plan.with_tensors([t.to(device) for t in plan.tensors])
+        plan.cos = torch.ones(len(plan.piece_offset), 16, device=device)
+        plan.sin = torch.zeros_like(plan.cos)
+        q = torch.randn(2, 2, 16, device=device, dtype=torch.float16)
+        k_pool, v_pool = torch.randn(2, 4, 1, 16, device=device, dtype=torch.float16)
+        out = TritonAttention()(q, k_pool, v_pool, plan, 0.25)
+        return bool(torch.isfinite(out).all())
+    except Exception as exc:  # the kernel is an optimization: any failure keeps the torch path
+        log.warning(
+            "the Triton attention kernel does not run here (%s: %s); using the vectorized torch attention. "
+            "Triton needs a C compiler and Python's headers at run time (gcc, python3-dev).",
+            type(exc).__name__,
+            (str(exc).strip().splitlines() or [""])[-1],
+        )
+        return False
