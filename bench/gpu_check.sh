@@ -7,6 +7,10 @@
 # attention and, when triton is installed, the Triton kernel run eagerly and from CUDA graphs.
 #
 # Usage: bench/gpu_check.sh   (PYTHON defaults to python3; results go to $OUT if set, else bench/results/)
+# The tests need the default model's tokenizer files and nothing else of it. For an offline machine, copy
+# them into an ignored folder that travels with the tree, e.g.
+#   mkdir -p .gpucache/SmolLM2-135M-Instruct && cp ~/.cache/hogwild/SmolLM2-135M-Instruct/{tokenizer*,chat_template.jinja,config.json} .gpucache/SmolLM2-135M-Instruct/
+# and run HOGWILD_CACHE=.gpucache bench/gpu_check.sh there.
 # Random weights at the model's shape and a built-in byte tokenizer: nothing is downloaded.
 # DEVICE=cpu SHAPE=tiny bench/gpu_check.sh runs the same steps on the CPU, to check the script itself.
 set -uo pipefail

@@ -22,7 +22,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from engine.loader import default_model_dir
+from engine.loader import DEFAULT_NAME, cache_dir, default_model_dir
 
 BASE = dict(
     hidden_size=64,
@@ -69,7 +69,12 @@ FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
 
 
 def tokenizer() -> Any:
-    return AutoTokenizer.from_pretrained(default_model_dir())
+    """The default model's tokenizer; its files alone will do (an offline GPU machine is given just those,
+    see bench/gpu_check.sh)."""
+    folder = cache_dir() / DEFAULT_NAME
+    if not (folder / "tokenizer.json").exists():
+        folder = default_model_dir()
+    return AutoTokenizer.from_pretrained(folder)
 
 
 # Seeds whose wired model rolls over at least three times per worker in every layout and worker count.
