@@ -31,7 +31,7 @@ from engine.model_runner import ModelRunner, StepBatch
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Sizes a first capture holds at least, so that a young job's growth does not re-capture at every step.
-MIN_SIZE = PlanSize(keys=4096, pieces=64, items=64, parts=256, tokens=0, tile=0)
+MIN_SIZE = PlanSize(keys=4096, pieces=64, rots=64, items=64, parts=256, tokens=0, tile=0)
 
 
 def next_power_of_2(n: int) -> int:

@@ -1,6 +1,7 @@
 """Random steps for the fused attention kernels' tests: pages handed out in random order, jobs of 1 to 8
 workers in the combined layout (a shared ``common`` first block, shared headers, empty and non-empty step
-blocks), single- and multi-token rows and a long prefill row."""
+blocks) with here and there a block only one row sees, single- and multi-token rows and a long prefill
+row."""
 
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def random_step(
         tokens = [randint(1, 12) if multi_token and randint(0, 3) == 0 else 1 for _ in range(n)]
         steps = [pages.block(max(t, randint(0, 12))) for t in tokens]
         for i in range(n):
-            view = [common, others, *(s for j, s in enumerate(steps) if j != i), own, steps[i]]
+            # A block of this row alone, sometimes (as in the interleaved layout): read by the row's own tile.
+            private = [pages.block(randint(1, 6))] if randint(0, 2) == 0 else []
+            view = [common, others, *(s for j, s in enumerate(steps) if j != i), *private, own, steps[i]]
             offsets = torch.tensor([0, *(len(b) for b in view[:-1])]).cumsum(0).tolist()
             rows.append(RowSpec(start, tokens[i], list(zip(view, offsets, strict=True))))
             start += tokens[i]

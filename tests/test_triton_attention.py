@@ -50,16 +50,17 @@ def test_kernel_matches_reference_in_half_precision(dtype: torch.dtype) -> None:
     compare(KERNEL, random_step([3, 1], gen, prefill=12), 8, 2, 80, dtype, gen, DEVICE)
 
 
-def test_shared_first_block_is_read_once_per_job() -> None:
-    """A job's rows make one tile over `common`; each row's other blocks form one item of its own."""
+def test_every_block_is_read_once_per_job() -> None:
+    """A job's rows make one tile over every block several of them see (in the combined layout, all of
+    them: common, the headers and every worker's step), so each block's keys are in the plan once."""
     gen = torch.Generator().manual_seed(0)
     rows = random_step([4, 2], gen, multi_token=False)
-    plan = TritonAttention(chunk=10**6).plan(rows, rotary_for(64, DEVICE), torch.float32)
-    commons = {r.blocks[0][0].data_ptr(): len(r.blocks[0][0]) for r in rows}
-    others = [len(s) for r in rows for s, _ in r.blocks[1:] if len(s)]
-    assert len(plan.key_slots) == sum(commons.values()) + sum(others)
-    assert len(plan.piece_start) == len(commons) + len(others)
-    assert sorted((plan.query_index >= 0).sum(1).tolist()) == [1] * len(rows) + [2, 4]
+    plan = TritonAttention(chunk=10**6).host_plan(rows)
+    blocks = {(s.data_ptr(), len(s)): len(s) for r in rows for s, _ in r.blocks if len(s)}
+    assert len(plan.key_slots) == sum(blocks.values())
+    assert len(plan.piece_start) == len(blocks)
+    queries = (plan.query_index >= 0).sum(1).tolist()
+    assert sorted(q for q in queries if q > 1) == [2, 4]  # one item per job, and one per private block
 
 
 def test_auto_picks_triton_on_cuda_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,15 +84,21 @@ def test_engine_with_triton_matches_reference(tok: Any) -> None:
 
 
 def test_padded_plan_gives_the_same_outputs() -> None:
-    """A CUDA graph's plan: pad keys, pieces, items, partials and query columns change nothing, and pad
-    tokens (rows past the step's tokens) come out as zeros."""
+    """A CUDA graph's plan: pad keys, pieces, rotations, items, partials and query columns change nothing,
+    and pad tokens (rows past the step's tokens) come out as zeros."""
     gen = torch.Generator().manual_seed(3)
     rows = random_step([3, 2], gen, prefill=10)
     tokens = sum(r.num_tokens for r in rows)
     plan = KERNEL.host_plan(rows)
     have = plan.size
     size = PlanSize(
-        have.keys + 50, have.pieces + 7, have.items + 9, have.parts + 30, tokens + 5, have.tile * 2
+        have.keys + 50,
+        have.pieces + 7,
+        have.rots + 3,
+        have.items + 9,
+        have.parts + 30,
+        tokens + 5,
+        have.tile * 2,
     )
     padded = plan.padded(size)
     assert padded.size == size
@@ -115,7 +122,7 @@ def test_engine_steps_from_static_graph_buffers_match_reference(
     """Decode steps padded into static graph buffers (captured and replayed on CUDA; run from the same
     buffers on the CPU), with sizes small enough that growing contexts re-capture."""
     monkeypatch.setattr(
-        step_graphs, "MIN_SIZE", PlanSize(keys=16, pieces=4, items=4, parts=8, tokens=0, tile=0)
+        step_graphs, "MIN_SIZE", PlanSize(keys=16, pieces=4, rots=2, items=4, parts=8, tokens=0, tile=0)
     )
     model = tiny_model(family, tok)
     torch.nn.Module.to(model, DEVICE)

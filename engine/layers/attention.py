@@ -311,8 +311,9 @@ class CpuAttention:
         out = None
         if (p := plan.kernel) is not None:  # every token of the long rows comes out as zeros here
             out = torch.ops.hogwild_cpu.attention(
-                q, k_pool, v_pool, p.key_slots, p.piece_start, p.piece_len, p.piece_pos, p.cos, p.sin,
-                p.item_pieces, p.query_index, p.query_pos, p.part, p.part_start, scale, p.parts,
+                q, k_pool, v_pool, p.key_slots, p.piece_start, p.piece_len, p.piece_skip, p.piece_rot,
+                p.rot_offset, p.cos, p.sin, p.item_pieces, p.query_index, p.query_pos, p.part, p.part_start,
+                scale, p.parts,
             )  # fmt: skip
         if plan.long is not None:
             out = self.vectorized(q, k_pool, v_pool, plan.long, scale, out)

@@ -1,17 +1,21 @@
 """The per-step plan of the fused attention kernels (Triton on the GPU, C++ on the CPU).
 
-A *tile* is up to ``tile_tokens`` query tokens that see the same keys at the same view offsets: the tokens of
-one row, or, over their shared first block (``common``), the tokens of all rows of one job. A *piece* is a
-run of at most ``chunk`` keys of one block, seen by one tile. An *item* is a few consecutive pieces of one
-tile, about ``chunk`` keys in all: the unit of work of one program (GPU) or task (CPU), which merges its
-partial softmax with the other items of the same tokens by log-sum-exp (flash-decoding).
+A *tile* is up to ``tile_tokens`` query tokens of one job attending the same keys: the tokens of all its
+rows over the blocks several of them see (``common``, the shared headers and, in the combined layout, every
+worker's step), or the tokens of one row over the blocks only it sees. Each query rotates by its own block
+offset: the same step block sits at a different offset in each worker's view, so a piece carries one
+rotation per query of its tile, an index into a small table of the step's distinct offsets (a query that
+does not see the block gets one that hides all its keys). A *piece* is a run of at most ``chunk`` keys of one
+block, seen by one tile. An *item* is a few consecutive pieces of one tile, about ``chunk`` keys in all: the
+unit of work of one program (GPU) or task (CPU), which merges its partial softmax with the other items of
+the same tokens by log-sum-exp (flash-decoding).
 
 Why this cut:
-- a job's ``common`` block, the longest of the step, is read once per job instead of once per worker, while
-  each row's small blocks (headers, the other workers' steps, its own step) are read by that row alone;
+- every block is read once per job and step, however many of its workers see it: W workers over a shared
+  prefix of C keys and W steps of S keys read C + W*S keys, not W*(C + W*S) or C + W*W*S;
 - a long block splits into pieces that run in parallel (split-K), which keeps the GPU busy when a step has
   only a few rows;
-- a row of many tokens (a header after a rollover, a prefill chunk) is a row with several tiles, and one
+- a row of many tokens (a header after a rollover, a prefill chunk) has its tokens in several tiles, and one
   mask, *key view position <= query view position*, gives causality inside its own block.
 
 The plan is built on the host as int32 tensors, which the model runner sends to the device in one copy with
@@ -22,8 +26,8 @@ the extra programs end at once.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, fields, replace
-from itertools import chain
 from typing import Any
 
 import torch
@@ -32,9 +36,11 @@ from engine.layers.attention import RowSpec
 from engine.layers.rotary import Rotary
 
 INDEX_FIELDS = (
-    "key_slots", "piece_start", "piece_len", "piece_pos", "piece_offset", "item_pieces",
+    "key_slots", "piece_start", "piece_len", "piece_skip", "piece_rot", "rot_offset", "item_pieces",
     "query_index", "query_pos", "part", "part_start",
 )  # fmt: skip
+# The offset of a block a query does not see: every key's view position is then past the query's.
+HIDDEN = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class PlanSize:
 
     keys: int
     pieces: int
+    rots: int  # distinct block offsets
     items: int
     parts: int  # rows of the partial-result scratch
     tokens: int
@@ -59,16 +66,17 @@ class KernelPlan:
     key_slots: torch.Tensor  # [keys] pool slots of every key run, runs back to back
     piece_start: torch.Tensor  # [pieces] the piece's first key in key_slots
     piece_len: torch.Tensor  # [pieces]
-    piece_pos: torch.Tensor  # [pieces] view position of the piece's first key
-    piece_offset: torch.Tensor  # [pieces] view offset of the piece's block
+    piece_skip: torch.Tensor  # [pieces] the piece's first key within its block
+    piece_rot: torch.Tensor  # [pieces, tile] per query of the item: its view's offset of the block, as ...
+    rot_offset: torch.Tensor  # [rots] ... an index into these offsets (HIDDEN: the query does not see it)
     item_pieces: torch.Tensor  # [items + 1] item i attends pieces item_pieces[i] .. item_pieces[i+1]
     query_index: torch.Tensor  # [items, tile] packed token of each query (pads: -1)
     query_pos: torch.Tensor  # [items, tile] view position of each query
     part: torch.Tensor  # [items, tile] scratch row of each (item, query) partial
     part_start: torch.Tensor  # [tokens + 1] token t's partials are rows part_start[t] .. part_start[t+1]
     parts: int
-    # Set by ``rotated``, float32 [pieces, d]: rotation of the queries by minus the piece's block offset,
-    # with the sign of rotate_half folded into sin.
+    # Set by ``rotated``, float32 [rots, d]: rotation of a query by minus the offset, with the sign of
+    # rotate_half folded into sin.
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
 
@@ -86,8 +94,15 @@ class KernelPlan:
 
     @property
     def size(self) -> PlanSize:
-        items = len(self.item_pieces) - 1
-        return PlanSize(len(self.key_slots), len(self.piece_start), items, self.parts, self.tokens, self.tile)
+        return PlanSize(
+            keys=len(self.key_slots),
+            pieces=len(self.piece_start),
+            rots=len(self.rot_offset),
+            items=len(self.item_pieces) - 1,
+            parts=self.parts,
+            tokens=self.tokens,
+            tile=self.tile,
+        )
 
     def with_tensors(self, tensors: list[torch.Tensor]) -> KernelPlan:
         """The plan over ``tensors``: its own index tensors, moved (to the device)."""
@@ -96,7 +111,7 @@ class KernelPlan:
 
     def rotated(self, rotary: Rotary) -> KernelPlan:
         """The plan with the queries' rotations, computed on the plan's device (inside a CUDA graph too)."""
-        cos, sin = rotary.cos_sin(-self.piece_offset, scaled=False)
+        cos, sin = rotary.cos_sin(-self.rot_offset, scaled=False)
         half = cos.shape[-1] // 2
         sign = torch.cat([-torch.ones(half, device=cos.device), torch.ones(half, device=cos.device)])
         return replace(self, cos=cos, sin=sin * sign)
@@ -114,8 +129,9 @@ class KernelPlan:
             key_slots=pad(self.key_slots, (size.keys,), 0),
             piece_start=pad(self.piece_start, pieces, 0),
             piece_len=pad(self.piece_len, pieces, 0),
-            piece_pos=pad(self.piece_pos, pieces, 0),
-            piece_offset=pad(self.piece_offset, pieces, 0),
+            piece_skip=pad(self.piece_skip, pieces, 0),
+            piece_rot=pad(self.piece_rot, (size.pieces, size.tile), 0),
+            rot_offset=pad(self.rot_offset, (size.rots,), HIDDEN),
             item_pieces=pad(self.item_pieces, (size.items + 1,), int(self.item_pieces[-1])),
             query_index=pad(self.query_index, items, -1),
             query_pos=pad(self.query_pos, items, -1),
@@ -123,6 +139,16 @@ class KernelPlan:
             part_start=pad(self.part_start, (size.tokens + 1,), int(self.part_start[-1])),
             parts=size.parts,
         )
+
+
+BlockKey = tuple[int, int]  # a block's slots tensor, by storage and length: the same block in every view
+
+
+@dataclass
+class _Query:
+    token: int  # packed index
+    pos: int  # view position
+    offsets: dict[BlockKey, int]  # its row's view: block -> offset
 
 
 class _Layout:
@@ -133,66 +159,76 @@ class _Layout:
         self.chunk, self.tile_tokens = chunk, tile_tokens
         self.runs: list[torch.Tensor] = []
         self.keys = 0
-        self.tile_index: list[list[int]] = []  # packed token of each query
-        self.tile_pos: list[list[int]] = []  # view position of each query
-        # (first key, keys, block offset, view position of the first key)
-        self.pieces: list[tuple[int, int, int, int]] = []
+        self.tiles: list[list[_Query]] = []
+        self.rots: dict[int, int] = {HIDDEN: 0}  # offset -> index
+        # (first key, keys, first key within the block, rotation index of each query of the tile)
+        self.pieces: list[tuple[int, int, int, list[int]]] = []
         self.item_pieces: list[int] = []  # first piece of each item
         self.item_tile: list[int] = []
 
-    def tiles(self, index: list[int], pos: list[int]) -> list[int]:
-        """Cuts queries into tiles; returns their ids."""
-        first = len(self.tile_index)
-        for i in range(0, len(index), self.tile_tokens):
-            self.tile_index.append(index[i : i + self.tile_tokens])
-            self.tile_pos.append(pos[i : i + self.tile_tokens])
-        return list(range(first, len(self.tile_index)))
-
-    def attend(self, blocks: list[tuple[torch.Tensor, int]], tile_ids: list[int]) -> None:
-        """Adds the blocks' keys once and lets each tile attend them, in items of about ``chunk`` keys."""
+    def attend(self, blocks: list[tuple[BlockKey, torch.Tensor]], queries: list[_Query]) -> None:
+        """Cuts the queries into tiles and lets each attend the blocks, in items of about ``chunk`` keys; each
+        block's keys are added once."""
         runs = []
-        for slots, offset in blocks:
-            if len(slots):
-                self.runs.append(slots)
-                runs.append((self.keys, len(slots), offset))
-                self.keys += len(slots)
-        for tile in tile_ids:
-            last = max(self.tile_pos[tile])
+        for key, slots in blocks:
+            self.runs.append(slots)
+            runs.append((key, self.keys, len(slots)))
+            self.keys += len(slots)
+        for i in range(0, len(queries), self.tile_tokens):
+            tile = queries[i : i + self.tile_tokens]
+            self.tiles.append(tile)
             item_keys = self.chunk  # the first piece opens an item
-            for first, length, offset in runs:
-                # Pieces that start after the tile's last query (a long row's own future) are left out.
-                for skip in range(0, min(length, last - offset + 1), self.chunk):
+            for key, first, length in runs:
+                offsets = [q.offsets.get(key, HIDDEN) for q in tile]
+                rots = [self.rots.setdefault(o, len(self.rots)) for o in offsets]
+                # Keys after every query of the tile (a long row's own future) are left out.
+                seen = max(q.pos - o + 1 for q, o in zip(tile, offsets, strict=True))
+                for skip in range(0, min(length, seen), self.chunk):
                     if item_keys >= self.chunk:
                         self.item_pieces.append(len(self.pieces))
-                        self.item_tile.append(tile)
+                        self.item_tile.append(len(self.tiles) - 1)
                         item_keys = 0
                     keys = min(self.chunk, length - skip)
-                    self.pieces.append((first + skip, keys, offset, offset + skip))
+                    self.pieces.append((first + skip, keys, skip, rots))
                     item_keys += keys
 
 
 def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int) -> KernelPlan:
     """The host plan of a step's rows (their slots are host tensors)."""
     layout = _Layout(chunk, tile_tokens)
-    # Rows whose first block is the same tensor (the job's `common`, cached by the Block) share it.
-    groups: dict[tuple[int, int, int], list[RowSpec]] = {}
+    # A job's rows share their first block (its `common`, whose slots tensor the Block caches).
+    jobs: dict[tuple[int, int, int], list[RowSpec]] = {}
     for row in rows:
         slots, offset = row.blocks[0]
-        groups.setdefault((slots.data_ptr(), len(slots), offset), []).append(row)
-    for group in groups.values():
-        index = [list(range(r.start, r.start + r.num_tokens)) for r in group]
-        pos = [list(range(r.view_len - r.num_tokens, r.view_len)) for r in group]
-        shared = layout.tiles(list(chain(*index)), list(chain(*pos)))
-        layout.attend(group[0].blocks[:1], shared)
-        for row, row_index, row_pos in zip(group, index, pos, strict=True):
-            layout.attend(row.blocks[1:], shared if len(group) == 1 else layout.tiles(row_index, row_pos))
+        jobs.setdefault((slots.data_ptr(), len(slots), offset), []).append(row)
+    for job in jobs.values():
+        views = [{(s.data_ptr(), len(s)): (s, offset) for s, offset in r.blocks if len(s)} for r in job]
+        readers = Counter(key for view in views for key in view)
+        queries = [
+            [_Query(r.start + t, r.view_len - r.num_tokens + t, {k: o for k, (_, o) in view.items()})
+             for t in range(r.num_tokens)]
+            for r, view in zip(job, views, strict=True)
+        ]  # fmt: skip
+        # Blocks several rows see (every block, for a job of one row) are read once for all their tokens.
+        blocks = {key: s for view in views for key, (s, _) in view.items()}
+        shared = [(k, s) for k, s in blocks.items() if readers[k] > 1 or len(job) == 1]
+        layout.attend(shared, [q for row_queries in queries for q in row_queries])
+        if len(job) > 1:
+            for view, row_queries in zip(views, queries, strict=True):
+                own = [(k, s) for k, (s, _) in view.items() if readers[k] == 1]
+                if own:
+                    layout.attend(own, row_queries)
 
-    width = max(len(t) for t in layout.tile_index)
-    pad = [[-1] * (width - len(t)) for t in layout.tile_index]
+    width = max(len(t) for t in layout.tiles)
     item_tile = torch.tensor(layout.item_tile)
-    query_index = torch.tensor([t + p for t, p in zip(layout.tile_index, pad, strict=True)])[item_tile]
-    query_pos = torch.tensor([t + p for t, p in zip(layout.tile_pos, pad, strict=True)])[item_tile]
-    piece_first, piece_keys, piece_offset, piece_pos = torch.tensor(layout.pieces).unbind(1)
+
+    def by_item(values: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([v + [-1] * (width - len(v)) for v in values])[item_tile]
+
+    query_index = by_item([[q.token for q in t] for t in layout.tiles])
+    query_pos = by_item([[q.pos for q in t] for t in layout.tiles])
+    piece_first, piece_keys, piece_skip = torch.tensor([p[:3] for p in layout.pieces]).unbind(1)
+    piece_rot = torch.tensor([p[3] + [0] * (width - len(p[3])) for p in layout.pieces])
 
     # Number the partials token by token, so that each token's are contiguous for the merge.
     live = query_index >= 0
@@ -212,8 +248,9 @@ def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int) -> KernelPlan:
         key_slots=int32(torch.cat(layout.runs)),
         piece_start=int32(piece_first),
         piece_len=int32(piece_keys),
-        piece_pos=int32(piece_pos),
-        piece_offset=int32(piece_offset),
+        piece_skip=int32(piece_skip),
+        piece_rot=int32(piece_rot),
+        rot_offset=int32(torch.tensor(list(layout.rots))),
         item_pieces=int32(torch.tensor([*layout.item_pieces, len(layout.pieces)])),
         query_index=int32(query_index),
         query_pos=int32(query_pos),

@@ -2,10 +2,10 @@
 
 Tiles, pieces and items are those of the step's plan (engine/layers/kernel_plan.py). One program takes one
 item and one KV head: it stacks the tile's queries of that head's GQA group into one [tokens * group, d]
-matrix (split over programs past 64 rows) and, piece by piece, rotates them by minus the piece's block
-offset in registers (DESIGN.md section 3) and runs an online softmax over the piece's keys, so each key is
-read once for the whole tile. The partial result (running max, sum, unnormalized output) goes to a scratch
-buffer, and a second kernel merges each token's partials by log-sum-exp.
+matrix (split over programs past 64 rows) and, piece by piece, rotates each query by minus the block's
+offset in its own view, in registers (DESIGN.md section 3), and runs an online softmax over the piece's
+keys, so each key is read once for the whole tile. The partial result (running max, sum, unnormalized
+output) goes to a scratch buffer, and a second kernel merges each token's partials by log-sum-exp.
 
 This module imports triton at the top; ``engine.layers.attention`` imports it only when the backend is
 chosen, because triton is optional and reads ``TRITON_INTERPRET`` when the kernels below are defined.
@@ -41,7 +41,9 @@ def _attend_kernel(
     key_slots_ptr,
     piece_start_ptr,
     piece_len_ptr,
-    piece_pos_ptr,
+    piece_skip_ptr,
+    piece_rot_ptr,
+    rot_offset_ptr,
     cos_ptr,
     sin_ptr,
     item_pieces_ptr,
@@ -94,13 +96,17 @@ def _attend_kernel(
     first_piece = tl.load(item_pieces_ptr + item)
     end_piece = tl.where(any_live, tl.load(item_pieces_ptr + item + 1), first_piece)
     for piece in range(first_piece, end_piece):
-        cos = tl.load(cos_ptr + piece * DIM + d, mask=d_ok, other=0.0) * qk_scale
-        sin = tl.load(sin_ptr + piece * DIM + d, mask=d_ok, other=0.0) * qk_scale
-        q_piece = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(DOT_DTYPE)
+        # Each query's rotation: minus the block's offset in its own view.
+        rot = tl.load(piece_rot_ptr + piece * tile + query, mask=live, other=0)
+        rot_rows = rot[:, None] * DIM + d[None, :]
+        cos = tl.load(cos_ptr + rot_rows, mask=q_mask, other=0.0) * qk_scale
+        sin = tl.load(sin_ptr + rot_rows, mask=q_mask, other=0.0) * qk_scale
+        q_piece = (q.to(tl.float32) * cos + q_partner.to(tl.float32) * sin).to(DOT_DTYPE)
         key_start = tl.load(piece_start_ptr + piece)
         key_len = tl.load(piece_len_ptr + piece)
         # Key n of the piece is visible to a query if n <= limit: it exists and is not in its future.
-        limit = tl.minimum(query_pos - tl.load(piece_pos_ptr + piece), key_len - 1)
+        first_pos = tl.load(rot_offset_ptr + rot, mask=live, other=0) + tl.load(piece_skip_ptr + piece)
+        limit = tl.minimum(query_pos - first_pos, key_len - 1)
         for n0 in range(0, key_len, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = n < key_len
@@ -196,7 +202,9 @@ class TritonAttention(FusedAttention):
             plan.key_slots,
             plan.piece_start,
             plan.piece_len,
-            plan.piece_pos,
+            plan.piece_skip,
+            plan.piece_rot,
+            plan.rot_offset,
             plan.cos,
             plan.sin,
             plan.item_pieces,
@@ -251,7 +259,7 @@ def kernel_runs(device: torch.device) -> bool:
         rows = [RowSpec(0, 2, [(torch.arange(4), 0)])]
         plan = build_plan(rows, chunk=256, tile_tokens=64)
         plan = plan.with_tensors([t.to(device) for t in plan.tensors])
-        plan.cos = torch.ones(len(plan.piece_offset), 16, device=device)
+        plan.cos = torch.ones(len(plan.rot_offset), 16, device=device)
         plan.sin = torch.zeros_like(plan.cos)
         q = torch.randn(2, 2, 16, device=device, dtype=torch.float16)
         k_pool, v_pool = torch.randn(2, 4, 1, 16, device=device, dtype=torch.float16)

@@ -2,8 +2,8 @@
 // (engine/layers/kernel_plan.py, engine/layers/triton_attention.py) in C++.
 //
 // An item is a tile of query tokens and the pieces of keys it attends; for one KV head, the tile's queries
-// of that head's GQA group are stacked into rows, rotated per piece by minus the block's offset and scored
-// against the piece's keys (each key read once for all rows); one softmax covers all the item's pieces (at
+// of that head's GQA group are stacked into rows, each rotated per piece by minus the block's offset in its
+// own view and scored against the piece's keys (each key read once for all rows); one softmax covers all the item's pieces (at
 // most about two chunks of keys), so a row's many small tail blocks cost one pass, not one each. Partials
 // (max, sum, unnormalized output) per (token, head) are merged by log-sum-exp, as in flash-decoding.
 //
@@ -36,10 +36,12 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return float(x); }
 
 struct Plan {
-    const int32_t *key_slots, *piece_start, *piece_len, *piece_pos, *item_pieces, *query_index, *query_pos,
-        *part, *part_start;
+    const int32_t *key_slots, *piece_start, *piece_len, *piece_skip, *piece_rot, *rot_offset, *item_pieces,
+        *query_index, *query_pos, *part, *part_start;
     const float *cos, *sin;
     int64_t tile;
+
+    int64_t rot(int32_t piece, int64_t query) const { return piece_rot[piece * tile + query]; }
 };
 
 struct Segment {  // the keys of one piece some row of the item sees, and their first column in the scores
@@ -172,7 +174,8 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
     // One softmax over all the item's pieces: scores [rows, width], piece after piece (its visible keys).
     auto limit = [&](int64_t r, int32_t piece) {  // the last key of the piece row r may see
         const int64_t pos = p.query_pos[item * p.tile + row_query[r]];
-        return std::min<int64_t>(pos - p.piece_pos[piece], p.piece_len[piece] - 1);
+        const int64_t first = int64_t(p.rot_offset[p.rot(piece, row_query[r])]) + p.piece_skip[piece];
+        return std::min<int64_t>(pos - first, p.piece_len[piece] - 1);
     };
     s.segments.clear();
     int64_t width = 0;
@@ -186,10 +189,11 @@ void attend_item(const T* q, const T* k, const T* v, const Plan& p, int64_t item
     if (width > 0) {
         s.scores.resize(rows * width);
         for (const Segment& seg : s.segments) {
-            // Rotate the queries by minus the block's offset (rotate_half's sign folded into sin) and scale.
-            const float* cs = p.cos + int64_t(seg.piece) * D;
-            const float* sn = p.sin + int64_t(seg.piece) * D;
+            // Rotate each query by minus the block's offset in its view (rotate_half's sign folded into sin)
+            // and scale.
             for (int64_t r = 0; r < rows; r++) {
+                const float* cs = p.cos + p.rot(seg.piece, row_query[r]) * D;
+                const float* sn = p.sin + p.rot(seg.piece, row_query[r]) * D;
                 const float* x = &s.q[r * D];
                 float* y = &s.q_rot[r * D];
                 for (int d = 0; d < D / 2; d++) {
@@ -307,7 +311,8 @@ const int32_t* int_data(const at::Tensor& t, const char* name) {
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                      const at::Tensor& key_slots, const at::Tensor& piece_start, const at::Tensor& piece_len,
-                     const at::Tensor& piece_pos, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& piece_skip, const at::Tensor& piece_rot, const at::Tensor& rot_offset,
+                     const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& item_pieces, const at::Tensor& query_index, const at::Tensor& query_pos,
                      const at::Tensor& part, const at::Tensor& part_start, double scale, int64_t parts) {
     TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes(), "q [t, h, d], pools [s, kvh, d]");
@@ -315,8 +320,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
     TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(), "one dtype");
     TORCH_CHECK(q.size(1) % k_pool.size(1) == 0 && q.size(2) == k_pool.size(2) && q.size(2) % 2 == 0, "shapes");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous(), "cos/sin float32");
+    TORCH_CHECK(piece_rot.dim() == 2 && piece_rot.size(1) == query_index.size(1), "piece_rot [pieces, tile]");
     const Plan p{int_data(key_slots, "key_slots"), int_data(piece_start, "piece_start"),
-                 int_data(piece_len, "piece_len"), int_data(piece_pos, "piece_pos"),
+                 int_data(piece_len, "piece_len"), int_data(piece_skip, "piece_skip"),
+                 int_data(piece_rot, "piece_rot"), int_data(rot_offset, "rot_offset"),
                  int_data(item_pieces, "item_pieces"), int_data(query_index, "query_index"),
                  int_data(query_pos, "query_pos"), int_data(part, "part"), int_data(part_start, "part_start"),
                  cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), query_index.size(1)};
@@ -346,7 +353,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
 TORCH_LIBRARY_FRAGMENT(hogwild_cpu, lib) {
     lib.def(
         "attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor key_slots, Tensor piece_start, "
-        "Tensor piece_len, Tensor piece_pos, Tensor cos, Tensor sin, Tensor item_pieces, Tensor query_index, "
+        "Tensor piece_len, Tensor piece_skip, Tensor piece_rot, Tensor rot_offset, Tensor cos, Tensor sin, "
+        "Tensor item_pieces, Tensor query_index, "
         "Tensor query_pos, Tensor part, Tensor part_start, float scale, int parts) -> Tensor",
         attention);
 }
