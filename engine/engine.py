@@ -364,4 +364,6 @@ class Engine:
             "free_pages": self.free_pages,
             "used_pages": self.pool.num_pages - self.pool.free_list_len,
             "steps": self.steps,
+            "graph_captures": self.runner.graphs.captures if self.runner.graphs else 0,
+            "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
         }

@@ -27,6 +27,14 @@ class Metrics:
             "hogwild_pool_pages_reserved", "pages held or reserved by admitted jobs", registry=r
         )
         self.steps_per_second = Gauge("hogwild_engine_steps_per_second", "recent decode steps/s", registry=r)
+        self.graph_replays = Gauge(
+            "hogwild_engine_graph_replays",
+            "steps replayed from CUDA graphs since the engine started",
+            registry=r,
+        )
+        self.graph_captures = Gauge(
+            "hogwild_engine_graph_captures", "CUDA graphs captured since the engine started", registry=r
+        )
         self.jobs = Counter("hogwild_jobs", "jobs ended, by finish reason", ["finish_reason"], registry=r)
         self.rejected = Counter(
             "hogwild_jobs_rejected", "submissions refused, by reason", ["reason"], registry=r
@@ -56,6 +64,8 @@ class Metrics:
         self.pages_used.set(stats["used_pages"])
         self.pages_reserved.set(stats["total_pages"] - stats["free_pages"])
         self.steps_per_second.set(stats["steps_per_second"])
+        self.graph_replays.set(stats["graph_replays"])
+        self.graph_captures.set(stats["graph_captures"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -83,7 +83,7 @@ def test_attention(tmp_path: Path) -> None:
     assert {"sdpa 1 seq", "sdpa 2 seqs", "reference", "vectorized"} <= ops
     assert set(record["config"]["backends"]) | set(record["config"]["skipped"]) >= {"reference", "vectorized"}
     for row in rows:
-        positive(row, "call_us", "step_ms", "floor_ms", "view_len", "vs_sdpa_1")
+        positive(row, "call_us", "step_ms", "floor_ms", "view_len", "vs_sdpa_1", "call_vs_sdpa_1")
         if row["max_abs_diff"] is not None:
             assert row["max_abs_diff"] < 1e-4  # in float32, every implementation agrees with the reference
     assert {r["view_len"] for r in rows if r["workers"] == 2} == {32 + 16 + 2 * 8}

@@ -221,6 +221,7 @@ def test_jobs_list_and_metrics(http: httpx.Client, server: ServerProcess) -> Non
     assert values["hogwild_step_latency_seconds_count"] > 0
     assert values["hogwild_engine_up"] == 1
     assert values["hogwild_pool_pages_total"] > 0
+    assert values["hogwild_engine_graph_replays"] == 0  # CUDA graphs exist only on a GPU
     assert values['hogwild_jobs_total{finish_reason="length"}'] >= 1
 
 
