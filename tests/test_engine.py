@@ -9,6 +9,7 @@ import torch
 
 from engine import Engine, InvalidRequest, PromptTooLong, UnsupportedModelError
 from engine.collab import ends_step, find_answer
+from engine.sampling import draw
 from tests.models import tiny_model
 
 
@@ -237,3 +238,12 @@ def test_logit_bias_steers_greedy_and_sampled_choices(tok: Any) -> None:
             "q", workers=2, max_tokens=5, finisher=False, temperature=temperature, logit_bias={target: 100.0}
         )
         assert all(w.detok.tokens[-5:] == [target] * 5 for w in job.workers)
+
+
+def test_sampling_draws_tokens_in_proportion_and_never_a_cut_one() -> None:
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]).repeat(10000, 1)
+    tokens = draw(probs, torch.Generator().manual_seed(0)).view(10000, 2)
+    first = torch.bincount(tokens[:, 0], minlength=5) / 10000
+    torch.testing.assert_close(first, probs[0], atol=0.015, rtol=0)
+    assert first[1] == first[4] == 0
+    assert torch.all(tokens[:, 1] == 4)
