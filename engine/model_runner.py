@@ -68,6 +68,9 @@ class StepBatch:
         )
 
 
+ALIGN = 4  # int32s: 16 bytes
+
+
 class Staging:
     """Sends host int32 tensors to the device in one copy. On CUDA they are packed into a pinned buffer and
     copied without blocking the host; the buffer is refilled only after its last copy has run."""
@@ -77,25 +80,34 @@ class Staging:
         self.host: torch.Tensor | None = None
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
 
+    @staticmethod
+    def spans(tensors: list[torch.Tensor]) -> list[int]:
+        """Each tensor's room in the packed buffer: its size rounded up to 16 bytes, so that every tensor
+        starts aligned (Triton compiles a kernel variant per alignment of its pointer arguments)."""
+        return [-(-t.numel() // ALIGN) * ALIGN for t in tensors]
+
     def send(self, tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The tensors on the device, as views of ``out`` (a new buffer if None; on the CPU, themselves)."""
         if out is None and self.device.type == "cpu":
             return tensors
-        sizes = [t.numel() for t in tensors]
-        total = sum(sizes)
+        spans = self.spans(tensors)
+        total = sum(spans)
         if out is None:
             out = torch.empty(total, dtype=torch.int32, device=self.device)
-        flat = [t.flatten() for t in tensors]
         if self.copied is None:
-            torch.cat(flat, out=out[:total])
+            host = out
         else:
             if self.host is None or len(self.host) < total:
                 self.host = torch.empty(max(total, 1 << 16), dtype=torch.int32, pin_memory=True)
             self.copied.synchronize()
-            torch.cat(flat, out=self.host[:total])
-            out[:total].copy_(self.host[:total], non_blocking=True)
+            host = self.host
+        for t, room in zip(tensors, host[:total].split(spans), strict=True):
+            room[: t.numel()] = t.flatten()
+        if self.copied is not None:
+            out[:total].copy_(host[:total], non_blocking=True)
             self.copied.record()
-        return [v.view(t.shape) for v, t in zip(out[:total].split(sizes), tensors, strict=True)]
+        views = out[:total].split(spans)
+        return [v[: t.numel()].view(t.shape) for v, t in zip(views, tensors, strict=True)]
 
 
 class ModelRunner:

@@ -11,6 +11,7 @@ import torch
 from engine.errors import InvalidRequest
 
 Bias = tuple[tuple[int, float], ...]
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Temperatures under GREEDY_BELOW are greedy too: dividing logits by them overflows to inf."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -83,4 +85,5 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     (cut by top-k or top-p) is never chosen: the first CDF entry above it belongs to a positive one."""
     cdf = probs.double().cumsum(-1)
     u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device, generator=generator)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    # NaN probabilities (non-finite logits) find no entry; the clamp keeps the id inside the vocabulary.
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)

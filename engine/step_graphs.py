@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from engine.layers.kernel_plan import KernelPlan, PlanSize
-from engine.model_runner import ModelRunner, StepBatch
+from engine.model_runner import ModelRunner, Staging, StepBatch
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Sizes a first capture holds at least, so that a young job's growth does not re-capture at every step.
@@ -94,9 +94,7 @@ class StepGraphs:
         key = (size.tokens, size.tile)
         self.graphs.pop(key, None)  # the old graph's memory goes back to the pool first
         padded = self._padded(batch, size)
-        buffer = torch.empty(
-            sum(t.numel() for t in padded.tensors), dtype=torch.int32, device=self.runner.device
-        )
+        buffer = torch.empty(sum(Staging.spans(padded.tensors)), dtype=torch.int32, device=self.runner.device)
         static = padded.with_tensors(self.runner.staging.send(padded.tensors, out=buffer))
         hidden = self.runner.forward(static)
         graph = None

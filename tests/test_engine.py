@@ -9,7 +9,8 @@ import torch
 
 from engine import Engine, InvalidRequest, PromptTooLong, UnsupportedModelError
 from engine.collab import ends_step, find_answer
-from engine.sampling import draw
+from engine.model_runner import Staging
+from engine.sampling import SamplingParams, draw
 from tests.models import tiny_model
 
 
@@ -247,3 +248,20 @@ def test_sampling_draws_tokens_in_proportion_and_never_a_cut_one() -> None:
     torch.testing.assert_close(first, probs[0], atol=0.015, rtol=0)
     assert first[1] == first[4] == 0
     assert torch.all(tokens[:, 1] == 4)
+
+
+def test_tiny_temperatures_are_greedy_and_nan_probabilities_stay_in_the_vocabulary() -> None:
+    assert SamplingParams(temperature=1e-40).greedy and not SamplingParams(temperature=0.5).greedy
+    nan = torch.full((2, 7), float("nan"))
+    assert draw(nan, torch.Generator().manual_seed(0)).tolist() == [6, 6]
+
+
+def test_staging_packs_each_tensor_at_a_16_byte_boundary() -> None:
+    """A CUDA graph's static buffer holds the step's tensors back to back; each must start aligned, or
+    Triton compiles a new kernel variant whenever a tensor's length changes the alignment of the next."""
+    tensors = [torch.arange(n, dtype=torch.int32).view(-1, 1) for n in (1, 5, 3, 8, 2)]
+    buffer = torch.empty(sum(Staging.spans(tensors)), dtype=torch.int32)
+    sent = Staging(torch.device("cpu")).send(tensors, out=buffer)
+    for original, view in zip(tensors, sent, strict=True):
+        assert view.data_ptr() % 16 == 0 and view.untyped_storage().data_ptr() == buffer.data_ptr()
+        assert torch.equal(view, original)
