@@ -92,7 +92,8 @@ RUN set -eu; \
     apt-get install -y --no-install-recommends $packages; \
     rm -rf /var/lib/apt/lists/*
 # Configuration is by environment (HOGWILD_MODEL, HOGWILD_DEVICE, HOGWILD_API_KEY, ...; docs/DEPLOY.md).
-# The model cache (the default model's conversion, Hugging Face downloads) lives in the /cache volume.
+# The model cache (the default model's conversion, Hugging Face downloads) and the compiled kernels (C++,
+# Triton) live in the /cache volume, so a restarted container compiles nothing again.
 # The system CA store is used for downloads, so a derived image can add a CA the usual way.
 ENV PATH=/opt/venv/bin:$PATH \
     HOGWILD_HOST=0.0.0.0 \
@@ -100,6 +101,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOGWILD_DEVICE=$DEVICE \
     HOGWILD_CACHE=/cache/hogwild \
     HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
