@@ -6,7 +6,8 @@
 # steps at 1 and 4 workers at 8k and 16k context against the weight-read floor, with the vectorized torch
 # attention and, when triton is installed, the Triton kernel run eagerly and from CUDA graphs.
 #
-# Usage: bench/gpu_check.sh   (PYTHON defaults to python3; results go to $OUT if set, else bench/results/)
+# Usage: bench/gpu_check.sh   (PYTHON defaults to python3; results go to $OUT if set, else bench/results/:
+# six files, a log, the attention JSON and plot and three engine JSONs; the device tool returns at most 8)
 # The tests need the default model's tokenizer files and nothing else of it. For an offline machine, copy
 # them into an ignored folder that travels with the tree, e.g.
 #   mkdir -p .gpucache/SmolLM2-135M-Instruct && cp ~/.cache/hogwild/SmolLM2-135M-Instruct/{tokenizer*,chat_template.jinja,config.json} .gpucache/SmolLM2-135M-Instruct/
@@ -66,7 +67,7 @@ for run in "${runs[@]}"; do
     read -r backend name graphs <<< "$run"
     step 95 "engine, $SHAPE shape, $name" \
         "$PYTHON" -m bench engine --device "$DEVICE" --shape "$SHAPE" --attention "$backend" --cuda-graphs "$graphs" \
-        --workers 1 4 --contexts 8192 16384 --tokens 32 "${extra[@]}" --out "$DEST/engine_${SHAPE}_$name.json" --plot
+        --workers 1 4 --contexts 8192 16384 --tokens 32 "${extra[@]}" --out "$DEST/engine_${SHAPE}_$name.json"
     extra=(--no-generate --no-independent)
 done
 
