@@ -154,7 +154,9 @@ class ModelRunner:
 
     def plan(self, rows: list[Row], write_slots: list[torch.Tensor]) -> StepBatch:
         """The step's inputs on the host."""
-        specs, q_pos, k_pos, ids, last = [], [], [], [], []
+        specs, ids, last = [], [], []
+        q_pos: list[int] = []
+        k_pos: list[int] = []
         start = 0
         for row in rows:
             n = len(row.tokens)
@@ -164,8 +166,8 @@ class ModelRunner:
                 offsets += len(block)
             specs.append(RowSpec(start, n, blocks))
             local = len(row.block) - n
-            k_pos.append(torch.arange(local, local + n, dtype=torch.int32))
-            q_pos.append(torch.arange(offsets - n, offsets, dtype=torch.int32))
+            k_pos.extend(range(local, local + n))
+            q_pos.extend(range(offsets - n, offsets))
             ids.extend(row.tokens)
             start += n
             if row.want_logits:
@@ -179,8 +181,8 @@ class ModelRunner:
         return StepBatch(
             ids=torch.tensor(ids, dtype=torch.int32),
             write_slots=torch.cat(write_slots).to(torch.int32),
-            q_pos=torch.cat(q_pos),
-            k_pos=torch.cat(k_pos),
+            q_pos=torch.tensor(q_pos, dtype=torch.int32),
+            k_pos=torch.tensor(k_pos, dtype=torch.int32),
             last=torch.tensor(last, dtype=torch.int32),
             plan=plan,
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -49,7 +50,7 @@ class RowSpec:
     blocks: list[tuple[torch.Tensor, int]]  # (pool slots of the block's visible tokens, offset), view order;
     # the slots are host tensors: a step is planned on the host and its plan sent to the device at once
 
-    @property
+    @cached_property
     def view_len(self) -> int:
         return sum(len(slots) for slots, _ in self.blocks)
 

@@ -202,7 +202,7 @@ def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int) -> KernelPlan:
         slots, offset = row.blocks[0]
         jobs.setdefault((slots.data_ptr(), len(slots), offset), []).append(row)
     for job in jobs.values():
-        views = [{(s.data_ptr(), len(s)): (s, offset) for s, offset in r.blocks if len(s)} for r in job]
+        views = [{(s.data_ptr(), n): (s, offset) for s, offset in r.blocks if (n := s.shape[0])} for r in job]
         readers = Counter(key for view in views for key in view)
         queries = [
             [_Query(r.start + t, r.view_len - r.num_tokens + t, {k: o for k, (_, o) in view.items()})
