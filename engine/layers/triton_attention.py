@@ -33,7 +33,9 @@ NO_SCORE = tl.constexpr(-1.0e30)
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-@triton.jit
+# Sizes that change from step to step are not specialized on (Triton would compile a variant for 1 and for
+# multiples of 16), so a server compiles each kernel once per model and tile block, not per step shape.
+@triton.jit(do_not_specialize=["qk_scale", "tile"])
 def _attend_kernel(
     q_ptr,
     k_ptr,
@@ -130,7 +132,7 @@ def _attend_kernel(
     tl.store(part_out_ptr + stat[:, None] * DIM + d[None, :], acc, mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_total"])
 def _merge_kernel(
     part_start_ptr,
     part_max_ptr,
