@@ -8,14 +8,14 @@ sampled tokens are read back. Steps of the fused kernel can be replayed from CUD
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.block_manager import Block, PagePool
 from engine.layers.attention import ATTENTION_BACKENDS, Attention, RowSpec
-from engine.layers.kernel_plan import FusedAttention, KernelPlan
+from engine.layers.kernel_plan import FusedAttention, KernelPlan, PlanSize
 from engine.layers.rotary import Rotary, rotate
 from engine.models.llama import LlamaModel, StepInputs
 
@@ -51,20 +51,20 @@ class StepBatch:
         plan = self.plan.with_tensors(rest) if isinstance(self.plan, KernelPlan) else self.plan
         return StepBatch(ids, write_slots, q_pos, k_pos, last, plan)
 
-    def padded(self, tokens: int, spare_slot: int) -> StepBatch:
-        """The batch grown to ``tokens`` tokens (and as many ``last`` entries): pad tokens write to the
-        spare slot, which nothing reads. The plan is padded separately (KernelPlan.padded)."""
+    def padded(self, size: PlanSize, spare_slot: int) -> StepBatch:
+        """The batch (with a KernelPlan) grown to a CUDA graph's sizes: ``size.tokens`` tokens and as many
+        ``last`` entries, whose pads write to the spare slot, which nothing reads, and the plan padded."""
 
         def pad(x: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.cat([x, x.new_full((tokens - len(x),), value)])
+            return torch.cat([x, x.new_full((size.tokens - len(x),), value)])
 
-        return replace(
-            self,
+        return StepBatch(
             ids=pad(self.ids, 0),
             write_slots=pad(self.write_slots, spare_slot),
             q_pos=pad(self.q_pos, 0),
             k_pos=pad(self.k_pos, 0),
             last=pad(self.last, 0),
+            plan=self.plan.padded(size),
         )
 
 

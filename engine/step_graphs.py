@@ -10,11 +10,11 @@ is padded to fit one:
   kernel's grid is fixed and the extra programs end at once;
 - its inputs go into the graph's static buffer in the usual single non-blocking copy (Staging).
 
-One graph per (token bucket, tile width). A step whose plan outgrows its graph (more keys, pieces, items or
-partials: contexts grow) re-captures it with those sizes doubled, so a job of growing context re-captures
-O(log context) times. The first step at a new shape runs eagerly and is captured right after (the eager
-run also compiles the Triton kernels for those shapes, which must not happen during a capture). Steps of
-more than 256 tokens (prefill chunks) run eagerly.
+One graph per (token bucket, tile width). A step whose plan outgrows its graph (more keys, pieces, offsets,
+items or partials: contexts grow) re-captures it with those sizes rounded up to powers of 2, so a job of
+growing context re-captures O(log context) times. The first step at a new shape runs eagerly and is
+captured right after (the eager run also compiles the Triton kernels for those shapes, which must not happen
+during a capture). Steps of more than 256 tokens (prefill chunks) run eagerly.
 
 With ``capture=False`` the same padded static steps run eagerly: the tests check this path on the CPU,
 where CUDA graphs do not exist.
@@ -76,7 +76,7 @@ class StepGraphs:
             }
             size = PlanSize(**{**grown, "tokens": tokens, "tile": tile})
             return self._capture(batch, size)[: len(batch.last)]
-        self.runner.staging.send(self._padded(batch, graph.size).tensors, out=graph.buffer)
+        self.runner.staging.send(batch.padded(graph.size, self.runner.spare_slot).tensors, out=graph.buffer)
         if graph.graph is None:
             graph.hidden = self.runner.forward(graph.batch)
         else:
@@ -84,24 +84,19 @@ class StepGraphs:
         self.replays += 1
         return graph.hidden[: len(batch.last)]
 
-    def _padded(self, batch: StepBatch, size: PlanSize) -> StepBatch:
-        batch = batch.padded(size.tokens, self.runner.spare_slot)
-        batch.plan = batch.plan.padded(size)
-        return batch
-
     def _capture(self, batch: StepBatch, size: PlanSize) -> torch.Tensor:
         """Runs the step on a new static buffer, then captures it there; returns the step's result."""
         key = (size.tokens, size.tile)
         self.graphs.pop(key, None)  # the old graph's memory goes back to the pool first
-        padded = self._padded(batch, size)
+        padded = batch.padded(size, self.runner.spare_slot)
         buffer = torch.empty(sum(Staging.spans(padded.tensors)), dtype=torch.int32, device=self.runner.device)
         static = padded.with_tensors(self.runner.staging.send(padded.tensors, out=buffer))
-        hidden = self.runner.forward(static)
+        hidden = out = self.runner.forward(static)
         graph = None
         if self.capture:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self.runner.forward(static)
-        self.graphs[key] = Graph(size, buffer, static, out if graph is not None else hidden, graph)
+        self.graphs[key] = Graph(size, buffer, static, out, graph)
         self.captures += 1
         return hidden

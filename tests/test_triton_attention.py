@@ -107,8 +107,7 @@ def test_padded_plan_gives_the_same_outputs() -> None:
     rotary = rotary_for(64, DEVICE)
 
     def run(p: Any) -> torch.Tensor:
-        placed = p.with_tensors([t.to(DEVICE) for t in p.tensors]).rotated(rotary)
-        return KERNEL(q, k_pool, v_pool, placed, 0.125)
+        return KERNEL(q, k_pool, v_pool, p.placed(rotary), 0.125)
 
     expected, actual = run(plan), run(padded)
     torch.testing.assert_close(actual[:tokens], expected[:tokens], atol=1e-6, rtol=1e-6)

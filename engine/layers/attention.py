@@ -302,7 +302,7 @@ class CpuAttention:
         short = [r for r in rows if r.num_tokens <= SHORT_ROW_TOKENS]
         long = [r for r in rows if r.num_tokens > SHORT_ROW_TOKENS]
         return CpuPlan(
-            build_plan(short, self.chunk, self.tile_tokens).rotated(rotary) if short else None,
+            build_plan(short, self.chunk, self.tile_tokens).placed(rotary) if short else None,
             self.vectorized.plan(long, rotary, dtype) if long else None,
         )
 

@@ -109,6 +109,11 @@ class KernelPlan:
         named: dict[str, Any] = dict(zip(INDEX_FIELDS, tensors, strict=True))
         return replace(self, **named)
 
+    def placed(self, rotary: Rotary) -> KernelPlan:
+        """This host plan on the rotary's device, tensor by tensor, with its rotations (tests, benchmarks and
+        the CPU kernel; the model runner sends a step's tensors in one copy instead)."""
+        return self.with_tensors([t.to(rotary.device) for t in self.tensors]).rotated(rotary)
+
     def rotated(self, rotary: Rotary) -> KernelPlan:
         """The plan with the queries' rotations, computed on the plan's device (inside a CUDA graph too)."""
         cos, sin = rotary.cos_sin(-self.rot_offset, scaled=False)
@@ -202,20 +207,19 @@ def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int) -> KernelPlan:
         slots, offset = row.blocks[0]
         jobs.setdefault((slots.data_ptr(), len(slots), offset), []).append(row)
     for job in jobs.values():
-        views = [{(s.data_ptr(), n): (s, offset) for s, offset in r.blocks if (n := s.shape[0])} for r in job]
+        by_key = {(s.data_ptr(), n): s for r in job for s, _ in r.blocks if (n := s.shape[0])}
+        views = [{(s.data_ptr(), n): offset for s, offset in r.blocks if (n := s.shape[0])} for r in job]
         readers = Counter(key for view in views for key in view)
         queries = [
-            [_Query(r.start + t, r.view_len - r.num_tokens + t, {k: o for k, (_, o) in view.items()})
-             for t in range(r.num_tokens)]
+            [_Query(r.start + t, r.view_len - r.num_tokens + t, view) for t in range(r.num_tokens)]
             for r, view in zip(job, views, strict=True)
-        ]  # fmt: skip
+        ]
         # Blocks several rows see (every block, for a job of one row) are read once for all their tokens.
-        blocks = {key: s for view in views for key, (s, _) in view.items()}
-        shared = [(k, s) for k, s in blocks.items() if readers[k] > 1 or len(job) == 1]
+        shared = [(k, s) for k, s in by_key.items() if readers[k] > 1 or len(job) == 1]
         layout.attend(shared, [q for row_queries in queries for q in row_queries])
         if len(job) > 1:
             for view, row_queries in zip(views, queries, strict=True):
-                own = [(k, s) for k, (s, _) in view.items() if readers[k] == 1]
+                own = [(k, by_key[k]) for k in view if readers[k] == 1]
                 if own:
                     layout.attend(own, row_queries)
 
@@ -274,5 +278,4 @@ class FusedAttention:
         return build_plan(rows, self.chunk, self.tile_tokens)
 
     def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
-        plan = self.host_plan(rows)
-        return plan.with_tensors([t.to(rotary.device) for t in plan.tensors]).rotated(rotary)
+        return self.host_plan(rows).placed(rotary)

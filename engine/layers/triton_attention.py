@@ -19,10 +19,12 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+from transformers import LlamaConfig
 from triton.runtime.interpreter import InterpretedFunction
 
 from engine.layers.attention import RowSpec
-from engine.layers.kernel_plan import FusedAttention, KernelPlan, build_plan
+from engine.layers.kernel_plan import FusedAttention, KernelPlan
+from engine.layers.rotary import Rotary
 
 log = logging.getLogger(__name__)
 
@@ -258,14 +260,12 @@ def kernel_runs(device: torch.device) -> bool:
     needs a C compiler and Python's headers at run time (a CUDA runtime image may have neither). Any failure
     logs one warning; the caller then keeps the torch path."""
     try:
-        rows = [RowSpec(0, 2, [(torch.arange(4), 0)])]
-        plan = build_plan(rows, chunk=256, tile_tokens=64)
-        plan = plan.with_tensors([t.to(device) for t in plan.tensors])
-        plan.cos = torch.ones(len(plan.rot_offset), 16, device=device)
-        plan.sin = torch.zeros_like(plan.cos)
+        kernel = TritonAttention()
+        rotary = Rotary(LlamaConfig(head_dim=16), 16, device)
+        plan = kernel.plan([RowSpec(0, 2, [(torch.arange(4), 0)])], rotary, torch.float16)
         q = torch.randn(2, 2, 16, device=device, dtype=torch.float16)
         k_pool, v_pool = torch.randn(2, 4, 1, 16, device=device, dtype=torch.float16)
-        out = TritonAttention()(q, k_pool, v_pool, plan, 0.25)
+        out = kernel(q, k_pool, v_pool, plan, 0.25)
         return bool(torch.isfinite(out).all())
     except Exception as exc:  # the kernel is an optimization: any failure keeps the torch path
         log.warning(
