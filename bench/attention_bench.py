@@ -21,6 +21,7 @@ Each implementation's output is compared with the reference implementation's (ma
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from bench import common, models
 from engine.layers.attention import ATTENTION_BACKENDS, RowSpec
+from engine.layers.kernel_plan import FusedAttention
 from engine.layers.rotary import Rotary
 
 HEADER_TOKENS = 8
@@ -69,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--common", type=int, default=None, help="tokens of common (default 2048 CPU, 16384 GPU)")
     p.add_argument("--step-tokens", type=int, default=None, help="tokens per step block (256 CPU, 1024 GPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed samples per op; the median is reported")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also time the fused kernels with items of these many keys (triton's default sizes them to the "
+        "step), as e.g. 'triton chunk 1024'",
+    )
     p.add_argument(
         "--backends",
         nargs="+",
@@ -125,6 +135,25 @@ def sdpa_seconds(case: Case, sequences: int, repeats: int) -> float:
     )
 
 
+def backends(names: list[str], chunks: list[int]) -> list[tuple[str, Callable[[], Any]]]:
+    """(name, factory) of each backend, then of each with its items cut to each of ``chunks`` keys."""
+    out: list[tuple[str, Callable[[], Any]]] = [(name, ATTENTION_BACKENDS[name]) for name in names]
+    for name in names:
+        for chunk in chunks:
+
+            def make(name: str = name, chunk: int = chunk) -> Any:
+                backend = ATTENTION_BACKENDS[name]()
+                if not hasattr(backend, "chunk"):
+                    raise TypeError(f"{name} has no chunk size")
+                backend.chunk = chunk
+                if isinstance(backend, FusedAttention):
+                    backend.items = None
+                return backend
+
+            out.append((f"{name} chunk {chunk}", make))
+    return out
+
+
 def time_backend(
     backend: Any, case: Case, rotary: Rotary, scale: float, repeats: int
 ) -> tuple[float, float, torch.Tensor]:
@@ -167,12 +196,11 @@ def main(args: argparse.Namespace) -> int:
                 )
             reference: torch.Tensor | None = None
             rows = []
-            for name in args.backends or ATTENTION_BACKENDS:
+            for name, backend in backends(args.backends or list(ATTENTION_BACKENDS), args.chunks):
                 if name in skipped:
                     continue
                 try:
-                    backend = ATTENTION_BACKENDS[name]()
-                    plan_s, call_s, out = time_backend(backend, case, rotary, dim**-0.5, args.repeats)
+                    plan_s, call_s, out = time_backend(backend(), case, rotary, dim**-0.5, args.repeats)
                 except Exception as exc:  # an optional backend that does not run here is reported, not fatal
                     skipped[name] = f"{type(exc).__name__}: {exc}"
                     common.log(f"{name}: skipped ({skipped[name]})")

@@ -24,7 +24,7 @@ import engine.step_graphs as step_graphs  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.layers import attention  # noqa: E402
 from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention  # noqa: E402
-from engine.layers.kernel_plan import PlanSize  # noqa: E402
+from engine.layers.kernel_plan import CHUNK_STEP, PlanSize  # noqa: E402
 from engine.layers.triton_attention import TritonAttention, kernel_runs  # noqa: E402
 from engine.step_graphs import StepGraphs  # noqa: E402
 from tests.attention_cases import CASES, PAGE_SIZE, compare, random_step, rotary_for  # noqa: E402
@@ -32,16 +32,20 @@ from tests.models import tiny_model  # noqa: E402
 from tests.test_oracle import check_against_reference  # noqa: E402
 
 # Small chunks and tiles, so that split-K and query tiling both happen.
-KERNEL = TritonAttention(chunk=16, tile_tokens=8)
+KERNEL = TritonAttention(chunk=16, tile_tokens=8, items=None)
 
 
+@pytest.mark.parametrize("merge_heads", [1, 4], ids=["merge-1-head", "merge-4-heads"])
 @pytest.mark.parametrize(("head_dim", "heads", "kv_heads", "workers", "prefill"), CASES)
 def test_kernel_matches_reference_in_float32(
-    head_dim: int, heads: int, kv_heads: int, workers: list[int], prefill: int
+    head_dim: int, heads: int, kv_heads: int, workers: list[int], prefill: int, merge_heads: int
 ) -> None:
+    """The merge takes one head per program on a GPU and several under the interpreter: both, and a head
+    count that is not a multiple of 4."""
     gen = torch.Generator().manual_seed(head_dim + sum(workers))
     rows = random_step(workers, gen, prefill)
-    compare(KERNEL, rows, heads, kv_heads, head_dim, torch.float32, gen, DEVICE)
+    kernel = TritonAttention(chunk=16, tile_tokens=8, items=None, merge_heads=merge_heads)
+    compare(kernel, rows, heads, kv_heads, head_dim, torch.float32, gen, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -61,6 +65,21 @@ def test_every_block_is_read_once_per_job() -> None:
     assert len(plan.piece_start) == len(blocks)
     queries = (plan.query_index >= 0).sum(1).tolist()
     assert sorted(q for q in queries if q > 1) == [2, 4]  # one item per job, and one per private block
+
+
+def test_items_lengthen_chunks_to_the_step() -> None:
+    """With ``items``, a step's keys make about that many items of whole key blocks of the kernel, however
+    many keys it has; the outputs do not change."""
+    gen = torch.Generator().manual_seed(5)
+    rows = random_step([4, 3], gen, prefill=30)
+    keys = sum({(s.data_ptr(), len(s)): len(s) for r in rows for s, _ in r.blocks}.values())
+    kernel = TritonAttention(chunk=16, tile_tokens=8, items=3)
+    plan = kernel.host_plan(rows)
+    chunk = -(-keys // (3 * CHUNK_STEP)) * CHUNK_STEP
+    short = KERNEL.host_plan(rows)
+    assert chunk > 16 and int(plan.piece_len.max()) <= chunk
+    assert len(plan.piece_len) < len(short.piece_len) and len(plan.item_pieces) < len(short.item_pieces)
+    compare(kernel, rows, 8, 2, 64, torch.float32, gen, DEVICE)
 
 
 def test_auto_picks_triton_on_cuda_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:

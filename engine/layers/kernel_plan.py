@@ -41,6 +41,7 @@ INDEX_FIELDS = (
 )  # fmt: skip
 # The offset of a block a query does not see: every key's view position is then past the query's.
 HIDDEN = 1 << 30
+CHUNK_STEP = 64  # chunks sized to the step are multiples of the GPU kernel's key block
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,12 @@ class _Layout:
                     item_keys += keys
 
 
-def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int) -> KernelPlan:
-    """The host plan of a step's rows (their slots are host tensors)."""
+def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int, items: int | None = None) -> KernelPlan:
+    """The host plan of a step's rows (their slots are host tensors). With ``items``, the step's distinct keys
+    make about that many items where that takes chunks longer than ``chunk`` (a multiple of CHUNK_STEP)."""
+    if items:
+        keys = sum({(s.data_ptr(), len(s)): len(s) for r in rows for s, _ in r.blocks}.values())
+        chunk = max(chunk, -(-keys // (items * CHUNK_STEP)) * CHUNK_STEP)
     layout = _Layout(chunk, tile_tokens)
     # A job's rows share their first block (its `common`, whose slots tensor the Block caches).
     jobs: dict[tuple[int, int, int], list[RowSpec]] = {}
@@ -268,14 +273,15 @@ class FusedAttention:
     """A backend that runs one kernel plan for all rows (the Triton kernel). The model runner sends such a
     plan to the device with the step's inputs in one copy, and can replay its steps from CUDA graphs.
 
-    ``chunk`` is about the keys of one item (split-K), ``tile_tokens`` bounds the query tokens of one item.
+    ``chunk`` is about the keys of one item (split-K), at least; ``items``, if set, lengthens it so that a
+    step makes about that many items. ``tile_tokens`` bounds the query tokens of one item.
     """
 
-    def __init__(self, chunk: int = 256, tile_tokens: int = 64):
-        self.chunk, self.tile_tokens = chunk, tile_tokens
+    def __init__(self, chunk: int = 256, tile_tokens: int = 64, items: int | None = None):
+        self.chunk, self.tile_tokens, self.items = chunk, tile_tokens, items
 
     def host_plan(self, rows: list[RowSpec]) -> KernelPlan:
-        return build_plan(rows, self.chunk, self.tile_tokens)
+        return build_plan(rows, self.chunk, self.tile_tokens, self.items)
 
     def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
         return self.host_plan(rows).placed(rotary)

@@ -134,7 +134,7 @@ def _attend_kernel(
     tl.store(part_out_ptr + stat[:, None] * DIM + d[None, :], acc, mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["rows_total"])
+@triton.jit
 def _merge_kernel(
     part_start_ptr,
     part_max_ptr,
@@ -143,42 +143,61 @@ def _merge_kernel(
     out_ptr,
     stride_ot,
     stride_oh,
-    rows_total,
     HEADS: tl.constexpr,
     DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Outputs of BLOCK_R (token, head) rows: the log-sum-exp merge of each row's partials."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < rows_total
-    token = rows // HEADS
-    head = rows % HEADS
+    """The outputs of one token's BLOCK_H heads: the log-sum-exp merge of each head's partials, BLOCK_P
+    partials per load. A decode step has few (token, head) rows (4 workers x 32 heads) with many partials each
+    (one per item of a long block): one program per row and a tile of partials per load keeps the GPU busy,
+    where a loop of one partial per iteration would be serial."""
+    token = tl.program_id(0)
+    head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = head < HEADS
+    first = tl.load(part_start_ptr + token).to(tl.int64)  # offsets may pass 2**31
+    count = tl.load(part_start_ptr + token + 1) - first
+    p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
-    mask = row_ok[:, None] & (d < DIM)[None, :]
-    first = tl.load(part_start_ptr + token, mask=row_ok, other=0).to(tl.int64)  # offsets may pass 2**31
-    count = tl.load(part_start_ptr + token + 1, mask=row_ok, other=0) - first
-    m_run = tl.full([BLOCK_R], NO_SCORE, tl.float32)
-    l_run = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for i in range(0, tl.max(count, 0)):
-        live = i < count
-        stat = (first + i) * HEADS + head
+    d_ok = d < DIM
+    m_run = tl.full([BLOCK_H], NO_SCORE, tl.float32)
+    l_run = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for i in range(0, count, BLOCK_P):
+        live = head_ok[:, None] & (i + p < count)[None, :]
+        stat = (first + i + p)[None, :] * HEADS + head[:, None]  # [BLOCK_H, BLOCK_P]
         m_part = tl.load(part_max_ptr + stat, mask=live, other=NO_SCORE)
-        m_new = tl.maximum(m_run, m_part)
+        m_new = tl.maximum(m_run, tl.max(m_part, 1))
         alpha = tl.exp2(m_run - m_new)
-        beta = tl.exp2(m_part - m_new)
-        l_run = l_run * alpha + tl.load(part_sum_ptr + stat, mask=live, other=0.0) * beta
-        out = tl.load(part_out_ptr + stat[:, None] * DIM + d[None, :], mask=live[:, None] & mask, other=0.0)
-        acc = acc * alpha[:, None] + out * beta[:, None]
+        beta = tl.exp2(m_part - m_new[:, None])
+        l_run = l_run * alpha + tl.sum(tl.load(part_sum_ptr + stat, mask=live, other=0.0) * beta, 1)
+        out_mask = live[:, :, None] & d_ok[None, None, :]
+        out = tl.load(part_out_ptr + stat[:, :, None] * DIM + d[None, None, :], mask=out_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(out * beta[:, :, None], 1)
         m_run = m_new
     out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]  # a pad token (CUDA graphs) has no partials: 0
-    out_rows = out_ptr + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
-    tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    out_rows = out_ptr + token.to(tl.int64) * stride_ot + head[:, None] * stride_oh
+    tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
 
 
 class TritonAttention(FusedAttention):
-    """The fused GPU path; any head_dim, GQA ratio and dtype (float32 dots run in full precision)."""
+    """The fused GPU path; any head_dim, GQA ratio and dtype (float32 dots run in full precision).
+
+    A step's keys make about ``items`` items (at least ``chunk`` keys each): with a model's 8 KV heads, 32
+    items are about two programs per SM of an H100. FlashAttention's decode splits the same way (a few splits
+    per head, long loops per program); the shorter the items, the more partials the merge reads and writes
+    (float32, one per query row and item) and the less of each program's loop the loads overlap.
+    ``merge_heads``: heads per program of the merge. One on a GPU, for parallelism; every head under the
+    interpreter, which runs programs one after another at a cost per program."""
+
+    def __init__(
+        self, chunk: int = 256, tile_tokens: int = 64, items: int | None = 32, merge_heads: int | None = None
+    ):
+        super().__init__(chunk, tile_tokens, items)
+        if merge_heads is not None and merge_heads & (merge_heads - 1):
+            raise ValueError(f"merge_heads must be a power of 2, not {merge_heads}")
+        self.merge_heads = merge_heads
 
     def __call__(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KernelPlan, scale: float
@@ -235,9 +254,8 @@ class TritonAttention(FusedAttention):
             num_warps=8 if block_m * block_d >= 4096 else 4,
         )
         out = torch.empty_like(q)
-        merge_rows = plan.tokens * heads
-        block_r = 32 if block_d <= 128 else 16
-        _merge_kernel[(triton.cdiv(merge_rows, block_r),)](
+        merge_heads = self.merge_heads or (triton.next_power_of_2(heads) if interpreted else 1)
+        _merge_kernel[(plan.tokens, triton.cdiv(heads, merge_heads))](
             plan.part_start,
             part_max,
             part_sum,
@@ -245,10 +263,10 @@ class TritonAttention(FusedAttention):
             out,
             out.stride(0),
             out.stride(1),
-            merge_rows,
             HEADS=heads,
             DIM=dim,
-            BLOCK_R=block_r,
+            BLOCK_H=merge_heads,
+            BLOCK_P=32 if block_d <= 128 else 16,
             BLOCK_D=block_d,
         )
         return out
