@@ -1,5 +1,5 @@
-"""``python -m bench {engine,jobs,prefill,attention,serve} [...]``: each prints a table, writes JSON under
-bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a subcommand lists its flags."""
+"""``python -m bench {engine,jobs,prefill,attention,serve,kernels} [...]``: each prints a table, writes JSON
+under bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a subcommand lists its flags."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from bench import attention_bench, engine_bench, jobs_bench, prefill_bench, serve_bench
+from bench import attention_bench, engine_bench, jobs_bench, kernels_bench, prefill_bench, serve_bench
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "engine": (engine_bench, "Hogwild decode vs transformers generate and vs independent jobs"),
@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "prefill": (prefill_bench, "inter-token latency of running jobs while a long prompt is admitted"),
     "attention": (attention_bench, "the Hogwild attention op alone vs plain decode attention"),
     "serve": (serve_bench, "load against a running server over HTTP"),
+    "kernels": (
+        kernels_bench,
+        "the Triton kernels compiled for sm_80/sm_90 without a GPU: registers, spills",
+    ),
 }
 
 

@@ -7,6 +7,9 @@ shared, so no test here asserts anything about speed.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +108,34 @@ def test_serve(tmp_path: Path, server_url: str, via: str, levels: str) -> None:
 def test_summary_percentiles() -> None:
     stats = summary([float(x) for x in range(1, 101)])
     assert stats == {"mean": 50.5, "p50": 50.5, "p99": 99.0}
+
+
+def test_kernels(tmp_path: Path) -> None:
+    """The Triton kernels compiled for an H100 on this CPU, in a subprocess: this one defined them for the
+    interpreter. The decode tile (4 workers x GQA 4, head_dim 128) must load K/V ahead of its dots and
+    keep its registers without spilling."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels.json"
+    flags = "--targets 90 --dtypes bfloat16 --dims 80 128 --rows 16 --plot"
+    env = os.environ | {"TRITON_INTERPRET": "0"}
+    root = Path(__file__).parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "bench", "kernels", *flags.split(), "--out", str(out)],
+        env=env,
+        cwd=root,
+        check=True,
+        timeout=300,
+    )
+    assert out.with_suffix(".png").stat().st_size > 0
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["kernel"], r["head_dim"]) for r in rows) == [
+        ("attend", 80),
+        ("attend", 128),
+        ("merge", 80),
+        ("merge", 128),
+    ]
+    for row in rows:
+        assert row["shared_bytes"] > 0 and row["compile_s"] > 0
+        assert row["registers"] is None or (0 < row["registers"] <= 255 and row["stack_bytes"] == 0), row
+    decode = next(r for r in rows if r["kernel"] == "attend" and r["head_dim"] == 128)
+    assert decode["block_m"] == 16 and decode["pipelined"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from functools import cache
+from typing import Any
 
 import torch
 import triton
@@ -181,6 +182,39 @@ def _merge_kernel(
     tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
 
 
+def attend_meta(rows: int, heads: int, group: int, dim: int, dot_dtype: torch.dtype) -> dict[str, Any]:
+    """The attend kernel's constants and warps for query tiles of ``rows`` rows (tokens x GQA group)."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    # Query rows per program: tl.dot needs 16; the cap keeps the accumulator and query tiles in registers
+    # (tests/test_triton_compile.py reports the registers and spills of each head_dim on sm_90).
+    max_rows = (4096 if dot_dtype == torch.float32 else 8192) // block_d
+    block_m = min(64, max_rows, max(16, triton.next_power_of_2(rows)))
+    return {
+        "HEADS": heads,
+        "GROUP": group,
+        "DIM": dim,
+        "BLOCK_M": block_m,
+        "BLOCK_N": 64 if block_d <= 128 else 32,
+        "BLOCK_D": block_d,
+        "DOT_DTYPE": TL_DTYPES[dot_dtype],
+        "PRECISION": "ieee" if dot_dtype == torch.float32 else "tf32",
+        "num_warps": 8 if block_m * block_d >= 4096 else 4,
+    }
+
+
+def merge_meta(heads: int, dim: int, merge_heads: int) -> dict[str, Any]:
+    """The merge kernel's constants and warps for ``merge_heads`` heads per program."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    return {
+        "HEADS": heads,
+        "DIM": dim,
+        "BLOCK_H": merge_heads,
+        "BLOCK_P": 32 if block_d <= 128 else 16,
+        "BLOCK_D": block_d,
+        "num_warps": 4,
+    }
+
+
 class TritonAttention(FusedAttention):
     """The fused GPU path; any head_dim, GQA ratio and dtype (float32 dots run in full precision).
 
@@ -209,15 +243,11 @@ class TritonAttention(FusedAttention):
         part_max = torch.empty(plan.parts, heads, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty(plan.parts, heads, dim, dtype=torch.float32, device=q.device)
-        block_d = max(16, triton.next_power_of_2(dim))
         # Triton's interpreter has no bfloat16 tl.dot (triton-lang/triton#11584): there, it dots in float32.
         interpreted = isinstance(_attend_kernel, InterpretedFunction)
         dot_dtype = torch.float32 if interpreted and q.dtype == torch.bfloat16 else q.dtype
-        # Query rows per program: tl.dot needs 16; the cap keeps the accumulator and query tiles in registers
-        # (ptxas on sm_90 reports no spills for 16-bit inputs up to head_dim 256).
-        max_rows = (4096 if dot_dtype == torch.float32 else 8192) // block_d
-        block_m = min(64, max_rows, max(16, triton.next_power_of_2(plan.tile * group)))
-        grid = (len(plan.item_pieces) - 1, kv_heads, triton.cdiv(plan.tile * group, block_m))
+        meta = attend_meta(plan.tile * group, heads, group, dim, dot_dtype)
+        grid = (len(plan.item_pieces) - 1, kv_heads, triton.cdiv(plan.tile * group, meta["BLOCK_M"]))
         _attend_kernel[grid](
             q,
             k_pool,
@@ -243,15 +273,7 @@ class TritonAttention(FusedAttention):
             k_pool.stride(0),
             k_pool.stride(1),
             plan.tile,
-            HEADS=heads,
-            GROUP=group,
-            DIM=dim,
-            BLOCK_M=block_m,
-            BLOCK_N=64 if block_d <= 128 else 32,
-            BLOCK_D=block_d,
-            DOT_DTYPE=TL_DTYPES[dot_dtype],
-            PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-            num_warps=8 if block_m * block_d >= 4096 else 4,
+            **meta,
         )
         out = torch.empty_like(q)
         merge_heads = self.merge_heads or (triton.next_power_of_2(heads) if interpreted else 1)
@@ -263,11 +285,7 @@ class TritonAttention(FusedAttention):
             out,
             out.stride(0),
             out.stride(1),
-            HEADS=heads,
-            DIM=dim,
-            BLOCK_H=merge_heads,
-            BLOCK_P=32 if block_d <= 128 else 16,
-            BLOCK_D=block_d,
+            **merge_meta(heads, dim, merge_heads),
         )
         return out
 
