@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from bench import common, models
 from engine.layers.attention import ATTENTION_BACKENDS, RowSpec
-from engine.layers.kernel_plan import FusedAttention
 from engine.layers.rotary import Rotary
 
 HEADER_TOKENS = 8
@@ -72,12 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-tokens", type=int, default=None, help="tokens per step block (256 CPU, 1024 GPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed samples per op; the median is reported")
     p.add_argument(
-        "--chunks",
-        type=int,
+        "--variants",
         nargs="+",
         default=[],
-        help="also time the fused kernels with items of these many keys (triton's default sizes them to the "
-        "step), as e.g. 'triton chunk 1024'",
+        help="also time each backend with these settings, e.g. 'chunk=1024,items=none' (items of exactly "
+        "1024 keys) or 'stages=5' (triton's software pipelining); a backend without a setting is skipped",
     )
     p.add_argument(
         "--backends",
@@ -135,22 +133,25 @@ def sdpa_seconds(case: Case, sequences: int, repeats: int) -> float:
     )
 
 
-def backends(names: list[str], chunks: list[int]) -> list[tuple[str, Callable[[], Any]]]:
-    """(name, factory) of each backend, then of each with its items cut to each of ``chunks`` keys."""
+def backends(names: list[str], variants: list[str]) -> list[tuple[str, Callable[[], Any]]]:
+    """(name, factory) of each backend, then of each with each variant's ``attribute=value`` settings."""
     out: list[tuple[str, Callable[[], Any]]] = [(name, ATTENTION_BACKENDS[name]) for name in names]
-    for name in names:
-        for chunk in chunks:
+    for variant in variants:
+        settings = {
+            key: None if value == "none" else int(value)
+            for key, value in (item.split("=", 1) for item in variant.split(","))
+        }
+        for name in names:
 
-            def make(name: str = name, chunk: int = chunk) -> Any:
+            def make(name: str = name, settings: dict[str, int | None] = settings) -> Any:
                 backend = ATTENTION_BACKENDS[name]()
-                if not hasattr(backend, "chunk"):
-                    raise TypeError(f"{name} has no chunk size")
-                backend.chunk = chunk
-                if isinstance(backend, FusedAttention):
-                    backend.items = None
+                for key, value in settings.items():
+                    if not hasattr(backend, key):
+                        raise TypeError(f"{name} has no setting {key}")
+                    setattr(backend, key, value)
                 return backend
 
-            out.append((f"{name} chunk {chunk}", make))
+            out.append((f"{name} {variant}", make))
     return out
 
 
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
                 )
             reference: torch.Tensor | None = None
             rows = []
-            for name, backend in backends(args.backends or list(ATTENTION_BACKENDS), args.chunks):
+            for name, backend in backends(args.backends or list(ATTENTION_BACKENDS), args.variants):
                 if name in skipped:
                     continue
                 try:

@@ -3,7 +3,7 @@
 # minutes in all): the Triton kernel's tests compiled for the GPU (with the engine's steps captured in CUDA
 # graphs and checked against transformers), the attention op alone at the Qwen3-8B shape (4 workers on a 16k
 # shared block plus 1k per worker, against one-sequence SDPA and independent sequences; the kernel with its
-# items sized to the step, and cut to 256 and to 1024 keys), and engine decode
+# items sized to the step, cut to 256 and to 1024 keys, and pipelined 5 stages deep), and engine decode
 # steps at 1 and 4 workers at 8k and 16k context against the weight-read floor, with the vectorized torch
 # attention and, when triton is installed, the Triton kernel run eagerly and from CUDA graphs.
 #
@@ -55,7 +55,8 @@ fi
 
 step 80 "attention op, $SHAPE shape" \
     "$PYTHON" -m bench attention --device "$DEVICE" --shape "$SHAPE" --workers 1 2 4 8 \
-    --common 16384 --step-tokens 1024 --chunks 256 1024 --out "$DEST/attention_$SHAPE.json" --plot
+    --common 16384 --step-tokens 1024 --backends vectorized triton \
+    --variants chunk=256,items=none chunk=1024,items=none stages=5 --out "$DEST/attention_$SHAPE.json" --plot
 
 # generate and the independent jobs once, with the default torch attention; the kernel's runs add their rows:
 # eager steps, then steps replayed from CUDA graphs (the engine's default on CUDA).

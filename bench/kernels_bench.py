@@ -1,5 +1,6 @@
 """The Triton kernels compiled for NVIDIA GPUs, on any machine: registers, spills, shared memory, and whether
-the attend kernel's K/V loads are pipelined (``cp.async``), per target, dtype, head_dim and query tile.
+the attend kernel's K/V loads are pipelined (how many shared-memory buffers each loaded tile has), per
+target, dtype, head_dim, query tile and pipeline depth.
 
 Triton compiles to a cubin without a GPU (its wheel carries ptxas and cuobjdump). Each kernel is compiled
 with the launch constants the engine uses (``attend_meta``, ``merge_meta``) and the specializations Triton's
@@ -29,6 +30,7 @@ TARGETS = {80: "A100", 90: "H100/H200"}
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FLOAT_ARGS = {"cos_ptr", "sin_ptr", "part_max_ptr", "part_sum_ptr", "part_out_ptr", "qk_scale"}
 MODEL_ARGS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr"}  # of the model's dtype
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 @dataclass
@@ -40,10 +42,11 @@ class Compiled:
     rows: int  # attend: query rows per tile; merge: heads per program
     block_m: int | None
     num_warps: int
+    stages: int | None
     registers: int | None
     stack_bytes: int | None  # per-thread stack frame: spilled registers
     shared_bytes: int
-    pipelined: bool | None  # attend: K/V loads issued ahead with cp.async
+    load_buffers: int  # shared-memory buffers per asynchronously loaded tile (0: loads are not pipelined)
     compile_s: float
 
 
@@ -55,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dims", type=int, nargs="+", default=[64, 80, 96, 128, 256], help="head dims")
     p.add_argument("--rows", type=int, nargs="+", default=[16, 64], help="query rows per tile")
+    p.add_argument("--stages", type=int, nargs="+", default=[3], help="attend kernel pipeline stages")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
 
@@ -82,7 +86,7 @@ def compile_kernel(fn: Any, dtype: torch.dtype, meta: dict[str, Any], target: in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constants = {k: v for k, v in meta.items() if k != "num_warps"}
+    constants = {k: v for k, v in meta.items() if k not in LAUNCH_OPTIONS}
 
     def arg_type(name: str) -> str:
         if name in constants:
@@ -100,9 +104,8 @@ def compile_kernel(fn: Any, dtype: torch.dtype, meta: dict[str, Any], target: in
     }
     source = ASTSource(fn, signature, constexprs=constants, attrs=aligned)
     start = time.perf_counter()
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", target, 32), options={"num_warps": meta["num_warps"]}
-    )
+    options = {k: v for k, v in meta.items() if k in LAUNCH_OPTIONS}
+    compiled = triton.compile(source, target=GPUTarget("cuda", target, 32), options=options)
     return compiled, time.perf_counter() - start
 
 
@@ -113,23 +116,26 @@ def main(args: argparse.Namespace) -> int:
 
     if isinstance(kernels._attend_kernel, InterpretedFunction):
         raise SystemExit("the kernels are defined for Triton's interpreter here: run with TRITON_INTERPRET=0")
+    shape = (args.heads, args.group)
     figures: list[Compiled] = []
     for target in args.targets:
         for dtype in (getattr(torch, name) for name in args.dtypes):
             for dim in args.dims:
-                cases: list[tuple[str, Any, int, dict[str, Any]]] = [
+                cases = [
                     (
                         "attend",
                         kernels._attend_kernel,
                         rows,
-                        kernels.attend_meta(rows, args.heads, args.group, dim, dtype),
+                        kernels.attend_meta(rows, *shape, dim, dtype, stages),
                     )
                     for rows in args.rows
+                    for stages in args.stages
                 ]
                 cases.append(("merge", kernels._merge_kernel, 1, kernels.merge_meta(args.heads, dim, 1)))
                 for name, fn, rows, meta in cases:
                     compiled, seconds = compile_kernel(fn, dtype, meta, target)
                     registers, stack = resources(compiled.asm["cubin"])
+                    buffers = re.findall(r"memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])
                     figures.append(
                         Compiled(
                             kernel=name,
@@ -139,10 +145,11 @@ def main(args: argparse.Namespace) -> int:
                             rows=rows,
                             block_m=meta.get("BLOCK_M"),
                             num_warps=meta["num_warps"],
+                            stages=meta.get("num_stages"),
                             registers=registers,
                             stack_bytes=stack,
                             shared_bytes=int(compiled.metadata.shared),
-                            pipelined="cp.async" in compiled.asm["ptx"] if name == "attend" else None,
+                            load_buffers=max(map(int, buffers), default=0),
                             compile_s=seconds,
                         )
                     )
@@ -162,7 +169,8 @@ def main(args: argparse.Namespace) -> int:
             "regs",
             "stack B",
             "shared B",
-            "cp.async",
+            "stages",
+            "buffers",
         ],
         [
             [
@@ -176,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
                 "-" if f.registers is None else str(f.registers),
                 "-" if f.stack_bytes is None else str(f.stack_bytes),
                 str(f.shared_bytes),
-                "-" if f.pipelined is None else ("yes" if f.pipelined else "no"),
+                "-" if f.stages is None else str(f.stages),
+                str(f.load_buffers),
             ]
             for f in figures
         ],

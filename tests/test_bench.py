@@ -138,4 +138,4 @@ def test_kernels(tmp_path: Path) -> None:
         assert row["shared_bytes"] > 0 and row["compile_s"] > 0
         assert row["registers"] is None or (0 < row["registers"] <= 255 and row["stack_bytes"] == 0), row
     decode = next(r for r in rows if r["kernel"] == "attend" and r["head_dim"] == 128)
-    assert decode["block_m"] == 16 and decode["pipelined"]
+    assert decode["block_m"] == 16 and decode["load_buffers"] >= 1

@@ -182,8 +182,11 @@ def _merge_kernel(
     tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
 
 
-def attend_meta(rows: int, heads: int, group: int, dim: int, dot_dtype: torch.dtype) -> dict[str, Any]:
-    """The attend kernel's constants and warps for query tiles of ``rows`` rows (tokens x GQA group)."""
+def attend_meta(
+    rows: int, heads: int, group: int, dim: int, dot_dtype: torch.dtype, stages: int = 3
+) -> dict[str, Any]:
+    """The attend kernel's constants, warps and pipeline stages for query tiles of ``rows`` rows (tokens x
+    GQA group)."""
     block_d = max(16, triton.next_power_of_2(dim))
     # Query rows per program: tl.dot needs 16; the cap keeps the accumulator and query tiles in registers
     # (tests/test_triton_compile.py reports the registers and spills of each head_dim on sm_90).
@@ -199,6 +202,7 @@ def attend_meta(rows: int, heads: int, group: int, dim: int, dot_dtype: torch.dt
         "DOT_DTYPE": TL_DTYPES[dot_dtype],
         "PRECISION": "ieee" if dot_dtype == torch.float32 else "tf32",
         "num_warps": 8 if block_m * block_d >= 4096 else 4,
+        "num_stages": stages,
     }
 
 
@@ -222,13 +226,22 @@ class TritonAttention(FusedAttention):
     items are about two programs per SM of an H100. FlashAttention's decode splits the same way (a few splits
     per head, long loops per program); the shorter the items, the more partials the merge reads and writes
     (float32, one per query row and item) and the less of each program's loop the loads overlap.
+    ``stages``: Triton's software pipelining of the attend loop. At 3 (Triton's default) the K and V tiles of
+    the next key block load while the current one is scored, through one shared-memory buffer each; at 5
+    they have two (``python -m bench kernels`` shows the buffers and registers each takes).
     ``merge_heads``: heads per program of the merge. One on a GPU, for parallelism; every head under the
     interpreter, which runs programs one after another at a cost per program."""
 
     def __init__(
-        self, chunk: int = 256, tile_tokens: int = 64, items: int | None = 32, merge_heads: int | None = None
+        self,
+        chunk: int = 256,
+        tile_tokens: int = 64,
+        items: int | None = 32,
+        stages: int = 3,
+        merge_heads: int | None = None,
     ):
         super().__init__(chunk, tile_tokens, items)
+        self.stages = stages
         if merge_heads is not None and merge_heads & (merge_heads - 1):
             raise ValueError(f"merge_heads must be a power of 2, not {merge_heads}")
         self.merge_heads = merge_heads
@@ -246,7 +259,7 @@ class TritonAttention(FusedAttention):
         # Triton's interpreter has no bfloat16 tl.dot (triton-lang/triton#11584): there, it dots in float32.
         interpreted = isinstance(_attend_kernel, InterpretedFunction)
         dot_dtype = torch.float32 if interpreted and q.dtype == torch.bfloat16 else q.dtype
-        meta = attend_meta(plan.tile * group, heads, group, dim, dot_dtype)
+        meta = attend_meta(plan.tile * group, heads, group, dim, dot_dtype, self.stages)
         grid = (len(plan.item_pieces) - 1, kv_heads, triton.cdiv(plan.tile * group, meta["BLOCK_M"]))
         _attend_kernel[grid](
             q,
