@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks as one prepared run (about 5 minutes on an H100; every step has a time limit, under 8
-# minutes in all): the Triton kernel's tests compiled for the GPU (with the engine's steps captured in CUDA
-# graphs and checked against transformers), the attention op alone at the Qwen3-8B shape (4 workers on a 16k
+# minutes in all): the Triton kernels' tests compiled for the GPU (attention and the fused small ops against
+# torch, and the engine's steps captured in CUDA graphs and checked against transformers), the attention op alone at the Qwen3-8B shape (4 workers on a 16k
 # shared block plus 1k per worker, against one-sequence SDPA and independent sequences; the kernel with its
 # items sized to the step, cut to 256 and to 1024 keys, and pipelined 5 stages deep), and engine decode
 # steps at 1 and 4 workers at 8k and 16k context against the weight-read floor, with the vectorized torch
@@ -49,11 +49,12 @@ if "$PYTHON" -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/
 fi
 
 if [[ " ${backends[*]} " == *" triton "* && -f tests/test_triton_attention.py ]]; then
-    step 110 "Triton kernel tests, compiled (TRITON_INTERPRET=0), CUDA graph steps captured" \
-        env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_attention.py
+    step 130 "Triton kernel tests, compiled (TRITON_INTERPRET=0), CUDA graph steps captured" \
+        env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+        tests/test_triton_ops.py
 fi
 
-step 80 "attention op, $SHAPE shape" \
+step 75 "attention op, $SHAPE shape" \
     "$PYTHON" -m bench attention --device "$DEVICE" --shape "$SHAPE" --workers 1 2 4 8 \
     --common 16384 --step-tokens 1024 --backends vectorized triton \
     --variants chunk=256,items=none chunk=1024,items=none stages=5 --out "$DEST/attention_$SHAPE.json" --plot
@@ -67,7 +68,7 @@ fi
 extra=()
 for run in "${runs[@]}"; do
     read -r backend name graphs <<< "$run"
-    step 95 "engine, $SHAPE shape, $name" \
+    step 90 "engine, $SHAPE shape, $name" \
         "$PYTHON" -m bench engine --device "$DEVICE" --shape "$SHAPE" --attention "$backend" --cuda-graphs "$graphs" \
         --workers 1 4 --contexts 8192 16384 --tokens 32 "${extra[@]}" --out "$DEST/engine_${SHAPE}_$name.json"
     extra=(--no-generate --no-independent)

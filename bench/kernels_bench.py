@@ -1,13 +1,15 @@
 """The Triton kernels compiled for NVIDIA GPUs, on any machine: registers, spills, shared memory, and whether
 the attend kernel's K/V loads are pipelined (how many shared-memory buffers each loaded tile has), per
-target, dtype, head_dim, query tile and pipeline depth.
+target, dtype, head_dim, query tile and pipeline depth; and the fused small ops (engine/layers/triton_ops.py)
+at a model shape.
 
 Triton compiles to a cubin without a GPU (its wheel carries ptxas and cuobjdump). Each kernel is compiled
-with the launch constants the engine uses (``attend_meta``, ``merge_meta``) and the specializations Triton's
-JIT makes at a launch (pointers and strides divisible by 16: torch's allocations and our strides are), so
-the code is the code a GPU would run. Registers and stack (spilled registers) come from cuobjdump. Nothing
-is timed: the figures say whether a tile fits in registers and whether loads overlap compute, not how fast
-the kernel runs. ``rows`` is a tile's query rows: tokens x GQA group (4 decode workers x 4 = 16).
+with the launch constants the engine uses (``attend_meta``, ``merge_meta``, ``norm_meta``, ...) and the
+specializations Triton's JIT makes at a launch (pointers and strides divisible by 16: torch's allocations and
+our strides are), so the code is the code a GPU would run. Registers and stack (spilled registers) come from
+cuobjdump. Nothing is timed: the figures say whether a tile fits in registers and whether loads overlap
+compute, not how fast the kernel runs. For the attention, ``rows`` is a tile's query rows: tokens x GQA
+group (4 decode workers x 4 = 16); for the ops, the token rows of one program.
 
 Run it with ``TRITON_INTERPRET=0`` (the kernels are defined for the interpreter otherwise).
 """
@@ -25,11 +27,12 @@ from typing import Any
 import torch
 
 from bench import common
+from engine.layers.kernel_plan import INDEX_FIELDS
 
 TARGETS = {80: "A100", 90: "H100/H200"}
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-FLOAT_ARGS = {"cos_ptr", "sin_ptr", "part_max_ptr", "part_sum_ptr", "part_out_ptr", "qk_scale"}
-MODEL_ARGS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr"}  # of the model's dtype
+FLOAT_ARGS = {"cos_ptr", "sin_ptr", "part_max_ptr", "part_sum_ptr", "part_out_ptr", "qk_scale", "eps"}
+INDEX_ARGS = {f"{name}_ptr" for name in INDEX_FIELDS}  # the kernel plan's int32 tensors
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -38,8 +41,8 @@ class Compiled:
     kernel: str
     target: int
     dtype: str
-    head_dim: int
-    rows: int  # attend: query rows per tile; merge: heads per program
+    width: int  # head_dim (attention, qkv epilogue), hidden (norm) or intermediate size (silu)
+    rows: int  # attend: query rows per tile; merge: heads per program; the ops: token rows per program
     block_m: int | None
     num_warps: int
     stages: int | None
@@ -60,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[16, 64], help="query rows per tile")
     p.add_argument("--stages", type=int, nargs="+", default=[3], help="attend kernel pipeline stages")
     p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size, for the norm")
+    p.add_argument("--intermediate", type=int, default=12288, help="MLP width, for silu x up")
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
 
 
@@ -91,10 +96,12 @@ def compile_kernel(fn: Any, dtype: torch.dtype, meta: dict[str, Any], target: in
     def arg_type(name: str) -> str:
         if name in constants:
             return "constexpr"
-        if name in MODEL_ARGS:
-            return f"*{TYPE_NAMES[dtype]}"
-        kind = "fp32" if name in FLOAT_ARGS else "i32"
-        return f"*{kind}" if name.endswith("_ptr") else kind
+        if name == "slots_ptr":
+            return "*i64"  # the step's write slots
+        if name in INDEX_ARGS or name in FLOAT_ARGS:
+            kind = "i32" if name in INDEX_ARGS else "fp32"
+            return f"*{kind}" if name.endswith("_ptr") else kind
+        return f"*{TYPE_NAMES[dtype]}" if name.endswith("_ptr") else "i32"  # tensors of the model's dtype
 
     signature = {name: arg_type(name) for name in fn.arg_names}
     aligned = {
@@ -109,51 +116,78 @@ def compile_kernel(fn: Any, dtype: torch.dtype, meta: dict[str, Any], target: in
     return compiled, time.perf_counter() - start
 
 
+def cases(args: argparse.Namespace, dtype: torch.dtype) -> list[tuple[str, Any, int, int, dict[str, Any]]]:
+    """(name, kernel, width, rows, launch constants) of every kernel to compile, with the engine's own
+    constants: the attention kernels per head_dim, the fused ops at the model shape of the flags."""
+    from engine.layers import triton_attention as attention
+    from engine.layers import triton_ops as ops
+    from engine.models.llama import ModelShape
+
+    out = []
+    for dim in args.dims:
+        for rows in args.rows:
+            for stages in args.stages:
+                meta = attention.attend_meta(rows, args.heads, args.group, dim, dtype, stages)
+                out.append(("attend", attention._attend_kernel, dim, rows, meta))
+        out.append(("merge", attention._merge_kernel, dim, 1, attention.merge_meta(args.heads, dim, 1)))
+        shape = ModelShape(
+            vocab_size=1,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_layers=1,
+            num_heads=args.heads,
+            num_kv_heads=args.heads // args.group,
+            head_dim=dim,
+            rms_norm_eps=1e-6,
+            qkv_bias=False,
+            qk_norm=True,
+            tie_embeddings=True,
+            max_positions=1,
+        )
+        meta = ops.qkv_meta(shape)
+        out.append(("qkv epilogue", ops._qkv_epilogue_kernel, dim, meta["BLOCK_T"], meta))
+    for name, fn, width, meta in [
+        ("add + rms_norm", ops._rms_norm_kernel, args.hidden, ops.norm_meta(args.hidden, add=True)),
+        ("silu x up", ops._silu_mul_kernel, args.intermediate, ops.silu_meta(args.intermediate)),
+    ]:
+        out.append((name, fn, width, meta["BLOCK_T"], meta))
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from engine.layers import triton_attention as kernels
+    from engine.layers import triton_attention
 
-    if isinstance(kernels._attend_kernel, InterpretedFunction):
+    if isinstance(triton_attention._attend_kernel, InterpretedFunction):
         raise SystemExit("the kernels are defined for Triton's interpreter here: run with TRITON_INTERPRET=0")
-    shape = (args.heads, args.group)
     figures: list[Compiled] = []
     for target in args.targets:
         for dtype in (getattr(torch, name) for name in args.dtypes):
-            for dim in args.dims:
-                cases = [
-                    (
-                        "attend",
-                        kernels._attend_kernel,
-                        rows,
-                        kernels.attend_meta(rows, *shape, dim, dtype, stages),
+            for name, fn, width, rows, meta in cases(args, dtype):
+                compiled, seconds = compile_kernel(fn, dtype, meta, target)
+                registers, stack = resources(compiled.asm["cubin"])
+                buffers = re.findall(r"memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])
+                figures.append(
+                    Compiled(
+                        kernel=name,
+                        target=target,
+                        dtype=TYPE_NAMES[dtype],
+                        width=width,
+                        rows=rows,
+                        block_m=meta.get("BLOCK_M"),
+                        num_warps=meta["num_warps"],
+                        stages=meta.get("num_stages"),
+                        registers=registers,
+                        stack_bytes=stack,
+                        shared_bytes=int(compiled.metadata.shared),
+                        load_buffers=max(map(int, buffers), default=0),
+                        compile_s=seconds,
                     )
-                    for rows in args.rows
-                    for stages in args.stages
-                ]
-                cases.append(("merge", kernels._merge_kernel, 1, kernels.merge_meta(args.heads, dim, 1)))
-                for name, fn, rows, meta in cases:
-                    compiled, seconds = compile_kernel(fn, dtype, meta, target)
-                    registers, stack = resources(compiled.asm["cubin"])
-                    buffers = re.findall(r"memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])
-                    figures.append(
-                        Compiled(
-                            kernel=name,
-                            target=target,
-                            dtype=TYPE_NAMES[dtype],
-                            head_dim=dim,
-                            rows=rows,
-                            block_m=meta.get("BLOCK_M"),
-                            num_warps=meta["num_warps"],
-                            stages=meta.get("num_stages"),
-                            registers=registers,
-                            stack_bytes=stack,
-                            shared_bytes=int(compiled.metadata.shared),
-                            load_buffers=max(map(int, buffers), default=0),
-                            compile_s=seconds,
-                        )
-                    )
-                    common.log(f"sm_{target} {name} {TYPE_NAMES[dtype]} d={dim} rows={rows}: {seconds:.1f} s")
+                )
+                common.log(
+                    f"sm_{target} {name} {TYPE_NAMES[dtype]} width {width} rows {rows}: {seconds:.1f} s"
+                )
     import triton
 
     common.print_table(
@@ -162,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
             "kernel",
             "target",
             "dtype",
-            "head_dim",
+            "width",
             "rows",
             "BLOCK_M",
             "warps",
@@ -177,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
                 f.kernel,
                 f"sm_{f.target}",
                 f.dtype,
-                str(f.head_dim),
+                str(f.width),
                 str(f.rows),
                 "-" if f.block_m is None else str(f.block_m),
                 str(f.num_warps),
@@ -208,10 +242,10 @@ def plot(figures: list[Compiled], path: Path) -> None:
         (ax,) = axes
         lines: dict[str, list[Compiled]] = {}
         for f in figures:
-            if f.registers is not None:
+            if f.registers is not None and f.kernel in ("attend", "merge"):
                 lines.setdefault(f"{f.kernel} sm_{f.target} {f.dtype} rows {f.rows}", []).append(f)
         for label, rows in lines.items():
-            ax.plot([f.head_dim for f in rows], [f.registers for f in rows], "o-", label=label)
+            ax.plot([f.width for f in rows], [f.registers for f in rows], "o-", label=label)
         ax.axhline(255, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("head_dim")
         ax.set_ylabel("registers per thread (255: the limit)")

@@ -16,6 +16,7 @@ import torch
 from engine.block_manager import Block, PagePool
 from engine.layers.attention import ATTENTION_BACKENDS, Attention, RowSpec
 from engine.layers.kernel_plan import FusedAttention, KernelPlan, PlanSize
+from engine.layers.ops import TorchOps, fused_ops
 from engine.layers.rotary import Rotary, rotate
 from engine.models.llama import LlamaModel, StepInputs
 
@@ -124,6 +125,7 @@ class ModelRunner:
         self.model, self.rotary, self.pool, self.dtype = model, rotary, pool, dtype
         self.device = rotary.device
         self.attention: Attention = ATTENTION_BACKENDS[attention]()
+        self.ops = fused_ops() if attention == "triton" else TorchOps()
         # One slot past the pages, which no block owns: the pad tokens of a CUDA graph write their K/V there.
         self.spare_slot = pool.num_pages * pool.page_size
         # Stored head-major, [layers, kv_heads, slots, d], seen by everyone as [layers, slots, kv_heads, d]:
@@ -203,6 +205,7 @@ class ModelRunner:
             v_pool=self.v_pool,
             attention=self.attention,
             plan=plan,
+            ops=self.ops,
         )
         return self.model(batch.ids, step)[batch.last]
 

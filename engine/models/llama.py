@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from engine.layers.linear import Kernel, Linear
-from engine.layers.rotary import rotate
+from engine.layers.ops import TorchOps
 
 
 @dataclass(frozen=True)
@@ -55,16 +54,12 @@ class ModelShape:
 
 
 class RMSNorm(nn.Module):
+    """A norm's weight and epsilon; the op is the step's (``StepInputs.ops``), fused with the residual add."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 class Attention(nn.Module):
@@ -80,21 +75,10 @@ class Attention(nn.Module):
         self.scale = shape.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, layer: int, step: StepInputs) -> torch.Tensor:
-        n, s = x.shape[0], self.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, s.num_heads, s.head_dim)
-        k = k.view(n, s.num_kv_heads, s.head_dim)
-        v = v.view(n, s.num_kv_heads, s.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = rotate(q, step.q_cos, step.q_sin)
-        k = rotate(k, step.k_cos, step.k_sin)
         # Write before attending: every row of this step sees every other row's new tokens.
-        k_pool, v_pool = step.k_pool[layer], step.v_pool[layer]
-        k_pool.index_copy_(0, step.write_slots, k)
-        v_pool.index_copy_(0, step.write_slots, v)
-        out = step.attention(q, k_pool, v_pool, step.plan, self.scale)
-        return self.o_proj(out.reshape(n, self.q_size))
+        q = step.ops.qkv_epilogue(self.qkv_proj(x), self, layer, step)
+        out = step.attention(q, step.k_pool[layer], step.v_pool[layer], step.plan, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -103,9 +87,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
         self.down_proj = Linear(shape.intermediate_size, shape.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -116,9 +99,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
-    def forward(self, x: torch.Tensor, layer: int, step: StepInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), layer, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, layer: int, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the previous layer's residual add is done
+        here, in one op with this layer's first norm."""
+        ops, norm, post = step.ops, self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual, h = x, ops.rms_norm(x, norm.weight, norm.eps)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, layer, step)
+        h, residual = ops.add_rms_norm(h, residual, post.weight, post.eps)
+        return self.mlp(h, ops), residual
 
 
 @dataclass
@@ -134,6 +127,7 @@ class StepInputs:
     v_pool: torch.Tensor
     attention: Any  # an attention implementation from engine.layers.attention
     plan: Any  # its per-step plan
+    ops: TorchOps  # norms, activation, RoPE and the pool writes (fused on the GPU)
 
 
 class LlamaModel(nn.Module):
@@ -149,10 +143,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """Hidden states [N, hidden] of the packed new tokens; K/V land in the pool as a side effect."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, i, step)
-        return self.norm(x)
+            x, residual = layer(x, residual, i, step)
+        assert residual is not None
+        return step.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def use_kernel(self, kernel: Kernel) -> None:
         """Route the small-batch products of every linear layer whose weight suits it to ``kernel``."""

@@ -1,0 +1,66 @@
+"""The small ops between a layer's matmuls: RMSNorm (with the residual add before it), SiLU x up, and the
+epilogue of the q/k/v projection (q/k norms, RoPE, the new keys and values written into the pool).
+
+``TorchOps`` writes them as torch ops, which is what transformers runs and what the CPU path uses (there,
+the C++ kernels take the matmuls and attention). Each is several kernels (an RMSNorm is a cast, a square, a
+mean, a rsqrt, two products and a cast back): about 50 launches per Qwen3 layer, some 1,800 per step of a
+36-layer model, which on a GPU costs milliseconds even replayed from a CUDA graph, against a weight-read
+floor of about 5 ms. ``engine.layers.triton_ops.TritonOps`` does each in one kernel, rounding to the model's
+dtype where these ops do, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from engine.layers.rotary import rotate
+
+if TYPE_CHECKING:
+    from engine.models.llama import Attention, StepInputs
+
+
+class TorchOps:
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * y.to(dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm of residual + x, residual + x): a layer's residual add and the norm after it."""
+        residual = residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def qkv_epilogue(self, qkv: torch.Tensor, attn: Attention, layer: int, step: StepInputs) -> torch.Tensor:
+        """Queries [N, heads, d], rotated by their view positions, from the q/k/v projection's output; the
+        keys (rotated by their block-local positions) and values go to the step's pool slots."""
+        s = attn.shape
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q = q.view(-1, s.num_heads, s.head_dim)
+        k = k.view(-1, s.num_kv_heads, s.head_dim)
+        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        if attn.q_norm is not None and attn.k_norm is not None:
+            q = self.rms_norm(q, attn.q_norm.weight, s.rms_norm_eps)
+            k = self.rms_norm(k, attn.k_norm.weight, s.rms_norm_eps)
+        q = rotate(q, step.q_cos, step.q_sin)
+        k = rotate(k, step.k_cos, step.k_sin)
+        step.k_pool[layer].index_copy_(0, step.write_slots, k)
+        step.v_pool[layer].index_copy_(0, step.write_slots, v)
+        return q
+
+
+def fused_ops() -> TorchOps:
+    """The Triton ops, imported on first use: triton is optional, and reads TRITON_INTERPRET when the kernels
+    are defined."""
+    from engine.layers.triton_ops import TritonOps
+
+    return TritonOps()

@@ -1,0 +1,140 @@
+"""The fused Triton ops (engine/layers/triton_ops.py) against the torch ops they replace
+(engine/layers/ops.py), in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set by
+tests/conftest.py), or compiled on a GPU with ``TRITON_INTERPRET=0``. In 16-bit dtypes the kernels round
+where the torch ops round, so almost every element is bit-identical; the rest differ by float32 summation
+order, at most one unit in the last place. The engine with these ops is checked against transformers in
+tests/test_triton_attention.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytest.importorskip("triton")
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+
+from engine.layers.ops import TorchOps  # noqa: E402
+from engine.layers.rotary import Rotary  # noqa: E402
+from engine.layers.triton_ops import TritonOps  # noqa: E402
+from engine.models.llama import Attention, ModelShape, StepInputs  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding: in 16-bit dtypes, nearly all bits equal and the rest one ulp off."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if expected.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        return
+    ulp = torch.finfo(expected.dtype).eps
+    torch.testing.assert_close(actual.float(), expected.float(), atol=ulp, rtol=2 * ulp)
+    assert (actual == expected).float().mean() > 0.995
+
+
+def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).mul(3).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "width"), [(1, 64), (5, 576), (37, 96), (3, 5120)])
+def test_rms_norm_and_residual_add(dtype: torch.dtype, rows: int, width: int) -> None:
+    gen = torch.Generator().manual_seed(rows * width)
+    x, residual = randn(2, rows, width, dtype=dtype, gen=gen)
+    weight = randn(width, dtype=dtype, gen=gen)
+    torch_ops, triton_ops = TorchOps(), TritonOps()
+    same(triton_ops.rms_norm(x, weight, 1e-6), torch_ops.rms_norm(x, weight, 1e-6))
+    out, summed = triton_ops.add_rms_norm(x, residual, weight, 1e-5)
+    expected_out, expected_sum = torch_ops.add_rms_norm(x, residual, weight, 1e-5)
+    same(summed, expected_sum)
+    same(out, expected_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "width"), [(1, 64), (6, 1536), (19, 200)])
+def test_silu_mul(dtype: torch.dtype, rows: int, width: int) -> None:
+    gen = torch.Generator().manual_seed(rows + width)
+    gate_up = randn(rows, 2 * width, dtype=dtype, gen=gen)
+    same(TritonOps().silu_mul(gate_up), TorchOps().silu_mul(gate_up))
+
+
+def shape_of(heads: int, kv_heads: int, head_dim: int, qk_norm: bool) -> ModelShape:
+    return ModelShape(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=1e-6,
+        qkv_bias=False,
+        qk_norm=qk_norm,
+        tie_embeddings=True,
+        max_positions=4096,
+    )
+
+
+def step_inputs(rows: int, shape: ModelShape, dtype: torch.dtype, gen: torch.Generator) -> StepInputs:
+    """A step's RoPE tables and pool slots, with pools laid out head-major as the model runner's are."""
+    slots = 64
+    size = (shape.num_layers, shape.num_kv_heads, slots, shape.head_dim)
+    k_pool, v_pool = (randn(*size, dtype=dtype, gen=gen).transpose(1, 2) for _ in range(2))
+    rotary = Rotary(LlamaConfig(head_dim=shape.head_dim), shape.head_dim, torch.device(DEVICE))
+    (q_cos, q_sin), (k_cos, k_sin) = (
+        rotary.cos_sin(torch.randint(0, 4000, (rows,), generator=gen).to(DEVICE), scaled=True)
+        for _ in range(2)
+    )
+    return StepInputs(
+        write_slots=torch.randperm(slots, generator=gen)[:rows].to(DEVICE),
+        q_cos=q_cos[:, None].to(dtype),
+        q_sin=q_sin[:, None].to(dtype),
+        k_cos=k_cos[:, None].to(dtype),
+        k_sin=k_sin[:, None].to(dtype),
+        k_pool=k_pool,
+        v_pool=v_pool,
+        attention=None,
+        plan=None,
+        ops=TorchOps(),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("rows", "heads", "kv_heads", "head_dim", "qk_norm"),
+    [(1, 4, 2, 64, False), (4, 8, 2, 128, True), (21, 6, 3, 80, True), (3, 2, 2, 16, False)],
+)
+def test_qkv_epilogue(
+    dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool
+) -> None:
+    """Queries out, keys and values into their pool slots (only there), for a layer past the first."""
+    gen = torch.Generator().manual_seed(rows * heads + head_dim)
+    shape = shape_of(heads, kv_heads, head_dim, qk_norm)
+    attn = Attention(shape).to(DEVICE, dtype)
+    if attn.q_norm is not None and attn.k_norm is not None:
+        attn.q_norm.weight.data = randn(head_dim, dtype=dtype, gen=gen)
+        attn.k_norm.weight.data = randn(head_dim, dtype=dtype, gen=gen)
+    qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, gen=gen)
+    step = step_inputs(rows, shape, dtype, gen)
+
+    def run(ops: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k_pool, v_pool = step.k_pool.clone(), step.v_pool.clone()
+        mine = StepInputs(**{**vars(step), "k_pool": k_pool, "v_pool": v_pool})
+        with torch.inference_mode():
+            q = ops.qkv_epilogue(qkv, attn, 1, mine)
+        return q, k_pool, v_pool
+
+    q, k_pool, v_pool = run(TritonOps())
+    expected_q, expected_k, expected_v = run(TorchOps())
+    same(q, expected_q)
+    same(k_pool, expected_k)
+    assert torch.equal(v_pool, expected_v)
+    assert not torch.equal(k_pool[1], step.k_pool[1]) and torch.equal(k_pool[0], step.k_pool[0])
