@@ -9,10 +9,12 @@ tests/test_triton_attention.py.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -21,10 +23,12 @@ pytest.importorskip("triton")
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 
+from engine import Engine  # noqa: E402
 from engine.layers.ops import TorchOps  # noqa: E402
 from engine.layers.rotary import Rotary  # noqa: E402
 from engine.layers.triton_ops import TritonOps  # noqa: E402
 from engine.models.llama import Attention, ModelShape, StepInputs  # noqa: E402
+from tests.models import random_model  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -138,3 +142,53 @@ def test_qkv_epilogue(
     same(k_pool, expected_k)
     assert torch.equal(v_pool, expected_v)
     assert not torch.equal(k_pool[1], step.k_pool[1]) and torch.equal(k_pool[0], step.k_pool[0])
+
+
+# Ops that launch no kernel (views, allocations) and the copies Triton's interpreter makes of each argument.
+NOT_KERNELS = {
+    "aten.view", "aten.reshape", "aten.select", "aten.slice", "aten.unsqueeze", "aten.transpose", "aten.t",
+    "aten.expand", "aten.alias", "aten.detach", "aten.result_type", "aten.empty", "aten.new_empty",
+    "aten.empty_like", "aten.set_", "aten.copy_",
+}  # fmt: skip
+
+
+class CountOps(TorchDispatchMode):
+    """The torch ops a forward dispatches that launch a kernel, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket)
+        if name not in NOT_KERNELS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_step_ops(tok: Any, layers: int, attention: str) -> Counter[str]:
+    """The torch ops of one decode forward of a 2-worker Qwen3-style job (q/k norms) on ``layers`` layers."""
+    model = random_model("qwen3-qknorm", len(tok), num_hidden_layers=layers)
+    eng = Engine.from_hf(model, tok, page_size=4, num_pages=256, attention=attention)
+    eng.submit("Add 2 and 3.", workers=2, max_tokens=32, finisher=False)
+    for _ in range(6):  # past the prefill and the header steps
+        eng.step()
+    forward, counted = eng.runner.forward, CountOps()
+
+    def counting(batch: Any) -> torch.Tensor:
+        with counted:
+            return forward(batch)
+
+    eng.runner.forward = counting  # type: ignore[method-assign]
+    eng.step()
+    return counted.ops
+
+
+def test_a_fused_layer_leaves_torch_only_its_matmuls(tok: Any) -> None:
+    """With the Triton attention, a layer's norms, activation, RoPE and pool writes are Triton kernels: the
+    torch ops a decode step adds per layer are the four matmuls (q/k/v, o, gate/up, down). With the vectorized
+    attention and the torch ops, a layer adds about ninety, each a kernel launch on a GPU."""
+    fused = decode_step_ops(tok, 3, "triton") - decode_step_ops(tok, 2, "triton")
+    assert fused == Counter({"aten.linear": 4})
+    unfused = decode_step_ops(tok, 3, "vectorized") - decode_step_ops(tok, 2, "vectorized")
+    assert unfused["aten.linear"] == 4 and unfused.total() > 30
