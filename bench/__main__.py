@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "serve": (serve_bench, "load against a running server over HTTP"),
     "kernels": (
         kernels_bench,
-        "the Triton kernels compiled for sm_80/sm_90 without a GPU: registers, spills",
+        "the Triton kernels compiled for sm_80/sm_90 on any machine: registers, spills",
     ),
 }
 
