@@ -205,10 +205,10 @@ class TritonOps(TorchOps):
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         width = x.shape[-1]
-        x2 = x.reshape(-1, width)
+        x2 = x.reshape(-1, width).contiguous()  # the kernels take rows of stride-1 elements
         rows = x2.shape[0]
         summed = torch.empty_like(x2) if residual is not None else x2
-        r2 = residual.reshape(-1, width) if residual is not None else x2
+        r2 = residual.reshape(-1, width).contiguous() if residual is not None else x2
         out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
         meta = norm_meta(width, residual is not None)
         _rms_norm_kernel[(triton.cdiv(rows, meta["BLOCK_T"]),)](
@@ -228,6 +228,7 @@ class TritonOps(TorchOps):
         return out.view(x.shape), summed.view(x.shape)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = gate_up.contiguous()
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         out = gate_up.new_empty(rows, width)
         meta = silu_meta(width)
@@ -236,7 +237,7 @@ class TritonOps(TorchOps):
         return out
 
     def qkv_epilogue(self, qkv: torch.Tensor, attn: Attention, layer: int, step: StepInputs) -> torch.Tensor:
-        s = attn.shape
+        s, qkv = attn.shape, qkv.contiguous()
         rows = qkv.shape[0]
         q = qkv.new_empty(rows, s.num_heads, s.head_dim)
         k_pool, v_pool = step.k_pool[layer], step.v_pool[layer]
