@@ -169,7 +169,8 @@ class CountOps(TorchDispatchMode):
 def decode_step_ops(tok: Any, layers: int, attention: str) -> Counter[str]:
     """The torch ops of one decode forward of a 2-worker Qwen3-style job (q/k norms) on ``layers`` layers."""
     model = random_model("qwen3-qknorm", len(tok), num_hidden_layers=layers)
-    eng = Engine.from_hf(model, tok, device=DEVICE, page_size=4, num_pages=256, attention=attention)
+    options = {"page_size": 4, "num_pages": 256, "cuda_graphs": False}  # graphs replay without dispatching
+    eng = Engine.from_hf(model, tok, device=DEVICE, attention=attention, **options)
     eng.submit("Add 2 and 3.", workers=2, max_tokens=32, finisher=False)
     for _ in range(6):  # past the prefill and the header steps
         eng.step()
