@@ -1,4 +1,5 @@
-"""The C++ CPU kernels (csrc/): a bfloat16 small-batch linear and the Hogwild decode attention.
+"""The C++ CPU kernels (csrc/): a bfloat16 small-batch linear, the Hogwild decode attention and the small
+ops between a layer's matmuls (norms, SiLU x up, RoPE and the pool writes).
 
 A CPU decode step is the time to stream the weights from memory plus a long tail of small tensor ops; for
 one row oneDNN's bfloat16 path reaches about half of one core's read bandwidth, and the attention's gathers,
@@ -19,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("linear.cpp", "attention.cpp")
+SOURCES = ("linear.cpp", "attention.cpp", "ops.cpp")
 ATTENTION_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # instances of the attention kernel's template
 # -ffast-math lets gcc call glibc's vector exp (libmvec) in the softmax; the kernels use no infinities.
 FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-mfma"] + [

@@ -1,15 +1,17 @@
-"""The fused Triton ops (engine/layers/triton_ops.py) against the torch ops they replace
-(engine/layers/ops.py), in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set by
-tests/conftest.py), or compiled on a GPU with ``TRITON_INTERPRET=0``. In 16-bit dtypes the kernels round
-where the torch ops round, so almost every element is bit-identical; the rest differ by float32 summation
-order, at most one unit in the last place. The engine with these ops is checked against transformers in
-tests/test_triton_attention.py.
+"""The fused small ops against the torch ops they replace (engine/layers/ops.py): Triton's
+(engine/layers/triton_ops.py) in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set by
+tests/conftest.py) or compiled on a GPU with ``TRITON_INTERPRET=0``, and the C++ kernels' (csrc/ops.cpp)
+where they build. In 16-bit dtypes the kernels round where the torch ops round, so almost every element is
+bit-identical; the rest differ by float32 summation order, at most one unit in the last place. The engine
+with these ops is checked against transformers in tests/test_triton_attention.py and tests/test_oracle.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,19 +19,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
+from engine import Engine
+from engine.layers.cpu_kernels import load_cpu_kernels
+from engine.layers.ops import CpuOps, TorchOps, fused_ops
+from engine.layers.rotary import Rotary
+from engine.models.llama import Attention, ModelShape, StepInputs
+from tests.models import random_model
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytest.importorskip("triton")
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
-
-from engine import Engine  # noqa: E402
-from engine.layers.ops import TorchOps  # noqa: E402
-from engine.layers.rotary import Rotary  # noqa: E402
-from engine.layers.triton_ops import TritonOps  # noqa: E402
-from engine.models.llama import Attention, ModelShape, StepInputs  # noqa: E402
-from tests.models import random_model  # noqa: E402
-
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
+HAS_TRITON = importlib.util.find_spec("triton") is not None and (INTERPRET or torch.cuda.is_available())
+# The fused implementations, by the attention backend that brings them, and where each runs.
+OPS: dict[str, Callable[[], TorchOps]] = {"triton": fused_ops, "cpu": CpuOps}
+IMPLEMENTATIONS = [
+    pytest.param("triton", TRITON_DEVICE, marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
+    pytest.param("cpu", "cpu", marks=pytest.mark.skipif(not load_cpu_kernels(), reason="no C++ kernels")),
+]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -44,30 +49,34 @@ def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert (actual == expected).float().mean() > 0.995
 
 
-def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen).mul(3).to(DEVICE, dtype)
+def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator, device: str) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).mul(3).to(device, dtype)
 
 
+@pytest.mark.parametrize(("fused", "device"), IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "width"), [(1, 64), (5, 576), (37, 96), (3, 5120)])
-def test_rms_norm_and_residual_add(dtype: torch.dtype, rows: int, width: int) -> None:
+def test_rms_norm_and_residual_add(
+    fused: str, device: str, dtype: torch.dtype, rows: int, width: int
+) -> None:
     gen = torch.Generator().manual_seed(rows * width)
-    x, residual = randn(2, rows, width, dtype=dtype, gen=gen)
-    weight = randn(width, dtype=dtype, gen=gen)
-    torch_ops, triton_ops = TorchOps(), TritonOps()
-    same(triton_ops.rms_norm(x, weight, 1e-6), torch_ops.rms_norm(x, weight, 1e-6))
-    out, summed = triton_ops.add_rms_norm(x, residual, weight, 1e-5)
+    x, residual = randn(2, rows, width, dtype=dtype, gen=gen, device=device)
+    weight = randn(width, dtype=dtype, gen=gen, device=device)
+    torch_ops, ops = TorchOps(), OPS[fused]()
+    same(ops.rms_norm(x, weight, 1e-6), torch_ops.rms_norm(x, weight, 1e-6))
+    out, summed = ops.add_rms_norm(x, residual, weight, 1e-5)
     expected_out, expected_sum = torch_ops.add_rms_norm(x, residual, weight, 1e-5)
     same(summed, expected_sum)
     same(out, expected_out)
 
 
+@pytest.mark.parametrize(("fused", "device"), IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "width"), [(1, 64), (6, 1536), (19, 200)])
-def test_silu_mul(dtype: torch.dtype, rows: int, width: int) -> None:
+def test_silu_mul(fused: str, device: str, dtype: torch.dtype, rows: int, width: int) -> None:
     gen = torch.Generator().manual_seed(rows + width)
-    gate_up = randn(rows, 2 * width, dtype=dtype, gen=gen)
-    same(TritonOps().silu_mul(gate_up), TorchOps().silu_mul(gate_up))
+    gate_up = randn(rows, 2 * width, dtype=dtype, gen=gen, device=device)
+    same(OPS[fused]().silu_mul(gate_up), TorchOps().silu_mul(gate_up))
 
 
 def shape_of(heads: int, kv_heads: int, head_dim: int, qk_norm: bool) -> ModelShape:
@@ -87,18 +96,20 @@ def shape_of(heads: int, kv_heads: int, head_dim: int, qk_norm: bool) -> ModelSh
     )
 
 
-def step_inputs(rows: int, shape: ModelShape, dtype: torch.dtype, gen: torch.Generator) -> StepInputs:
+def step_inputs(
+    rows: int, shape: ModelShape, dtype: torch.dtype, gen: torch.Generator, device: str
+) -> StepInputs:
     """A step's RoPE tables and pool slots, with pools laid out head-major as the model runner's are."""
     slots = 64
     size = (shape.num_layers, shape.num_kv_heads, slots, shape.head_dim)
-    k_pool, v_pool = (randn(*size, dtype=dtype, gen=gen).transpose(1, 2) for _ in range(2))
-    rotary = Rotary(LlamaConfig(head_dim=shape.head_dim), shape.head_dim, torch.device(DEVICE))
+    k_pool, v_pool = (randn(*size, dtype=dtype, gen=gen, device=device).transpose(1, 2) for _ in range(2))
+    rotary = Rotary(LlamaConfig(head_dim=shape.head_dim), shape.head_dim, torch.device(device))
     (q_cos, q_sin), (k_cos, k_sin) = (
-        rotary.cos_sin(torch.randint(0, 4000, (rows,), generator=gen).to(DEVICE), scaled=True)
+        rotary.cos_sin(torch.randint(0, 4000, (rows,), generator=gen).to(device), scaled=True)
         for _ in range(2)
     )
     return StepInputs(
-        write_slots=torch.randperm(slots, generator=gen)[:rows].to(DEVICE),
+        write_slots=torch.randperm(slots, generator=gen)[:rows].to(device),
         q_cos=q_cos[:, None].to(dtype),
         q_sin=q_sin[:, None].to(dtype),
         k_cos=k_cos[:, None].to(dtype),
@@ -111,23 +122,31 @@ def step_inputs(rows: int, shape: ModelShape, dtype: torch.dtype, gen: torch.Gen
     )
 
 
+@pytest.mark.parametrize(("fused", "device"), IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("rows", "heads", "kv_heads", "head_dim", "qk_norm"),
     [(1, 4, 2, 64, False), (4, 8, 2, 128, True), (21, 6, 3, 80, True), (3, 2, 2, 16, False)],
 )
 def test_qkv_epilogue(
-    dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool
+    fused: str,
+    device: str,
+    dtype: torch.dtype,
+    rows: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    qk_norm: bool,
 ) -> None:
     """Queries out, keys and values into their pool slots (only there), for a layer past the first."""
     gen = torch.Generator().manual_seed(rows * heads + head_dim)
     shape = shape_of(heads, kv_heads, head_dim, qk_norm)
-    attn = Attention(shape).to(DEVICE, dtype)
+    attn = Attention(shape).to(device, dtype)
     if attn.q_norm is not None and attn.k_norm is not None:
-        attn.q_norm.weight.data = randn(head_dim, dtype=dtype, gen=gen)
-        attn.k_norm.weight.data = randn(head_dim, dtype=dtype, gen=gen)
-    qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, gen=gen)
-    step = step_inputs(rows, shape, dtype, gen)
+        attn.q_norm.weight.data = randn(head_dim, dtype=dtype, gen=gen, device=device)
+        attn.k_norm.weight.data = randn(head_dim, dtype=dtype, gen=gen, device=device)
+    qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, gen=gen, device=device)
+    step = step_inputs(rows, shape, dtype, gen, device)
 
     def run(ops: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k_pool, v_pool = step.k_pool.clone(), step.v_pool.clone()
@@ -136,7 +155,7 @@ def test_qkv_epilogue(
             q = ops.qkv_epilogue(qkv, attn, 1, mine)
         return q, k_pool, v_pool
 
-    q, k_pool, v_pool = run(TritonOps())
+    q, k_pool, v_pool = run(OPS[fused]())
     expected_q, expected_k, expected_v = run(TorchOps())
     same(q, expected_q)
     same(k_pool, expected_k)
@@ -166,11 +185,11 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def decode_step_ops(tok: Any, layers: int, attention: str) -> Counter[str]:
+def decode_step_ops(tok: Any, layers: int, attention: str, device: str) -> Counter[str]:
     """The torch ops of one decode forward of a 2-worker Qwen3-style job (q/k norms) on ``layers`` layers."""
     model = random_model("qwen3-qknorm", len(tok), num_hidden_layers=layers)
     options = {"page_size": 4, "num_pages": 256, "cuda_graphs": False}  # graphs replay without dispatching
-    eng = Engine.from_hf(model, tok, device=DEVICE, attention=attention, **options)
+    eng = Engine.from_hf(model, tok, device=device, attention=attention, **options)
     eng.submit("Add 2 and 3.", workers=2, max_tokens=32, finisher=False)
     for _ in range(6):  # past the prefill and the header steps
         eng.step()
@@ -185,11 +204,28 @@ def decode_step_ops(tok: Any, layers: int, attention: str) -> Counter[str]:
     return counted.ops
 
 
-def test_a_fused_layer_leaves_torch_only_its_matmuls(tok: Any) -> None:
-    """With the Triton attention, a layer's norms, activation, RoPE and pool writes are Triton kernels: the
-    torch ops a decode step adds per layer are the four matmuls (q/k/v, o, gate/up, down). With the vectorized
-    attention and the torch ops, a layer adds about ninety, each a kernel launch on a GPU."""
-    fused = decode_step_ops(tok, 3, "triton") - decode_step_ops(tok, 2, "triton")
-    assert fused == Counter({"aten.linear": 4})
-    unfused = decode_step_ops(tok, 3, "vectorized") - decode_step_ops(tok, 2, "vectorized")
+FUSED_LAYER = {
+    # Triton kernels do not go through torch's dispatcher: only the matmuls are left.
+    "triton": Counter({"aten.linear": 4}),
+    "cpu": Counter(
+        {
+            "aten.linear": 4,  # the tiny models are float32: the bfloat16 linear kernel does not apply
+            "hogwild_cpu.add_rms_norm": 2,
+            "hogwild_cpu.qkv_epilogue": 1,
+            "hogwild_cpu.attention": 1,
+            "hogwild_cpu.silu_mul": 1,
+        }
+    ),
+}
+
+
+@pytest.mark.parametrize(("fused", "device"), IMPLEMENTATIONS)
+def test_a_fused_layer_is_its_matmuls_and_one_kernel_per_op(tok: Any, fused: str, device: str) -> None:
+    """With a fused attention, a layer's norms, activation, RoPE and pool writes are one kernel each: per
+    layer a decode step adds its four matmuls (q/k/v, o, gate/up, down) and those kernels. With the
+    vectorized attention and the torch ops, a layer adds about ninety torch ops, each a kernel launch on a
+    GPU."""
+    layer = decode_step_ops(tok, 3, fused, device) - decode_step_ops(tok, 2, fused, device)
+    assert layer == FUSED_LAYER[fused]
+    unfused = decode_step_ops(tok, 3, "vectorized", "cpu") - decode_step_ops(tok, 2, "vectorized", "cpu")
     assert unfused["aten.linear"] == 4 and unfused.total() > 30
