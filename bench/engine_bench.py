@@ -79,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="true",
         help="replay decode steps from CUDA graphs (CUDA with triton attention)",
     )
+    p.add_argument(
+        "--fused-ops",
+        choices=["true", "false"],
+        default="true",
+        help="norms, SiLU, RoPE and K/V writes fused (with the triton or cpu attention), or as torch ops",
+    )
     p.add_argument("--no-generate", action="store_true", help="skip transformers generate")
     p.add_argument("--no-independent", action="store_true", help="skip the independent-jobs rows")
     p.add_argument(
@@ -312,6 +318,7 @@ def main(args: argparse.Namespace) -> int:
         attention=args.attention,
         max_workers=max(widest, EngineOptions.max_workers),
         cuda_graphs=args.cuda_graphs == "true",
+        fused_ops=args.fused_ops == "true",
     )
     floor = models.weight_floor(eng)
     common.log(f"{loaded.label}: {floor.describe()}")

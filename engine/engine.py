@@ -43,6 +43,7 @@ class EngineOptions:
     max_queued_jobs: int = 256
     cpu_kernels: bool = True  # the C++ kernels on CPUs with AVX512-BF16 (engine/layers/cpu_kernels.py)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA, triton attention)
+    fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -93,6 +94,7 @@ class Engine:
             self.options.attention,
             self.dtype,
             cuda_graphs=opts.cuda_graphs and self.device.type == "cuda",
+            fused_ops=opts.fused_ops,
         )
         self.eos_ids = self._eos_ids(hf_model)
         self.jobs: dict[str, Job] = {}

@@ -16,7 +16,7 @@ import torch
 from engine.block_manager import Block, PagePool
 from engine.layers.attention import ATTENTION_BACKENDS, Attention, RowSpec
 from engine.layers.kernel_plan import FusedAttention, KernelPlan, PlanSize
-from engine.layers.ops import CpuOps, TorchOps, fused_ops
+from engine.layers.ops import CpuOps, TorchOps, triton_ops
 from engine.layers.rotary import Rotary, rotate
 from engine.models.llama import LlamaModel, StepInputs
 
@@ -120,13 +120,16 @@ class ModelRunner:
         attention: str,
         dtype: torch.dtype,
         cuda_graphs: bool = False,
+        fused_ops: bool = True,
     ):
         shape = model.shape
         self.model, self.rotary, self.pool, self.dtype = model, rotary, pool, dtype
         self.device = rotary.device
         self.attention: Attention = ATTENTION_BACKENDS[attention]()
         # The small ops fused as the attention is: by Triton with Triton, by the C++ kernels with C++.
-        self.ops = fused_ops() if attention == "triton" else CpuOps() if attention == "cpu" else TorchOps()
+        self.ops = TorchOps()
+        if fused_ops and attention in ("triton", "cpu"):
+            self.ops = triton_ops() if attention == "triton" else CpuOps()
         # One slot past the pages, which no block owns: the pad tokens of a CUDA graph write their K/V there.
         self.spare_slot = pool.num_pages * pool.page_size
         # Stored head-major, [layers, kv_heads, slots, d], seen by everyone as [layers, slots, kv_heads, d]:

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_queued_jobs: int | None = None
     cpu_kernels: bool | None = None
     cuda_graphs: bool | None = None
+    fused_ops: bool | None = None
 
     def engine_args(self) -> list[str]:
         """Flags for ``python -m engine.serve``: the model and every engine option that was set."""

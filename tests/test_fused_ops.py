@@ -21,7 +21,7 @@ from transformers import LlamaConfig
 
 from engine import Engine
 from engine.layers.cpu_kernels import load_cpu_kernels
-from engine.layers.ops import CpuOps, TorchOps, fused_ops
+from engine.layers.ops import CpuOps, TorchOps, triton_ops
 from engine.layers.rotary import Rotary
 from engine.models.llama import Attention, ModelShape, StepInputs
 from tests.models import random_model
@@ -30,7 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 HAS_TRITON = importlib.util.find_spec("triton") is not None and (INTERPRET or torch.cuda.is_available())
 # The fused implementations, by the attention backend that brings them, and where each runs.
-OPS: dict[str, Callable[[], TorchOps]] = {"triton": fused_ops, "cpu": CpuOps}
+OPS: dict[str, Callable[[], TorchOps]] = {"triton": triton_ops, "cpu": CpuOps}
 IMPLEMENTATIONS = [
     pytest.param("triton", TRITON_DEVICE, marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
     pytest.param("cpu", "cpu", marks=pytest.mark.skipif(not load_cpu_kernels(), reason="no C++ kernels")),
@@ -185,11 +185,13 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def decode_step_ops(tok: Any, layers: int, attention: str, device: str) -> Counter[str]:
+def decode_step_ops(
+    tok: Any, layers: int, attention: str, device: str, fused_ops: bool = True
+) -> Counter[str]:
     """The torch ops of one decode forward of a 2-worker Qwen3-style job (q/k norms) on ``layers`` layers."""
     model = random_model("qwen3-qknorm", len(tok), num_hidden_layers=layers)
     options = {"page_size": 4, "num_pages": 256, "cuda_graphs": False}  # graphs replay without dispatching
-    eng = Engine.from_hf(model, tok, device=device, attention=attention, **options)
+    eng = Engine.from_hf(model, tok, device=device, attention=attention, fused_ops=fused_ops, **options)
     eng.submit("Add 2 and 3.", workers=2, max_tokens=32, finisher=False)
     for _ in range(6):  # past the prefill and the header steps
         eng.step()
@@ -224,8 +226,12 @@ def test_a_fused_layer_is_its_matmuls_and_one_kernel_per_op(tok: Any, fused: str
     """With a fused attention, a layer's norms, activation, RoPE and pool writes are one kernel each: per
     layer a decode step adds its four matmuls (q/k/v, o, gate/up, down) and those kernels. With the
     vectorized attention and the torch ops, a layer adds about ninety torch ops, each a kernel launch on a
-    GPU."""
+    GPU; with ``fused_ops=False`` the fused attention keeps the torch ops."""
     layer = decode_step_ops(tok, 3, fused, device) - decode_step_ops(tok, 2, fused, device)
     assert layer == FUSED_LAYER[fused]
+    unfused_ops = decode_step_ops(tok, 3, fused, device, False) - decode_step_ops(
+        tok, 2, fused, device, False
+    )
+    assert unfused_ops["aten.rsqrt"] == 4 and unfused_ops.total() > 25  # fused_ops=False: the attention alone
     unfused = decode_step_ops(tok, 3, "vectorized", "cpu") - decode_step_ops(tok, 2, "vectorized", "cpu")
     assert unfused["aten.linear"] == 4 and unfused.total() > 30

@@ -94,7 +94,7 @@ class CpuOps(TorchOps):
         return q
 
 
-def fused_ops() -> TorchOps:
+def triton_ops() -> TorchOps:
     """The Triton ops, imported on first use: triton is optional, and reads TRITON_INTERPRET when the kernels
     are defined."""
     from engine.layers.triton_ops import TritonOps
