@@ -83,7 +83,7 @@ RUN useradd --system --uid "$HOGWILD_UID" --user-group --create-home --home-dir 
     && chown hogwild:hogwild /cache
 COPY --from=build /opt/venv /opt/venv
 # Compilers for the engine's kernels, built on first start. The CPU image carries g++: on a CPU with
-# AVX512-BF16 the engine compiles its C++ kernels (about 7 s, into the /cache volume;
+# AVX512-BF16 the engine compiles its C++ kernels (about 11 s, into the /cache volume;
 # engine/layers/cpu_kernels.py). The GPU image carries gcc and Python's headers: Triton compiles a small C
 # launcher for its kernels. Without them the engine warns and runs the slower torch paths.
 RUN set -eu; \
