@@ -51,7 +51,7 @@ fi
 if [[ " ${backends[*]} " == *" triton "* && -f tests/test_triton_attention.py ]]; then
     step 130 "Triton kernel tests, compiled (TRITON_INTERPRET=0), CUDA graph steps captured" \
         env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
-        tests/test_triton_ops.py
+        tests/test_fused_ops.py
 fi
 
 step 75 "attention op, $SHAPE shape" \

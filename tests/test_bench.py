@@ -140,6 +140,6 @@ def test_kernels(tmp_path: Path) -> None:
     ]
     for row in rows:
         assert row["compile_s"] > 0
-        assert row["registers"] is None or (0 < row["registers"] <= 255 and row["stack_bytes"] == 0), row
+        assert 0 < row["registers"] <= 255 and row["stack_bytes"] == 0, row  # cuobjdump is in triton's wheel
     decode = next(r for r in rows if r["kernel"] == "attend" and r["width"] == 128)
     assert decode["block_m"] == 16 and decode["load_buffers"] >= 1 and decode["shared_bytes"] > 0

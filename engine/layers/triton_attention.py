@@ -90,7 +90,7 @@ def _attend_kernel(
     q_rows = q_ptr + token.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
     q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
     q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
-    head_offsets = kv_head * stride_ph + d[None, :]
+    head_offsets = kv_head.to(tl.int64) * stride_ph + d[None, :]  # head-major pools: past 2**31 when large
 
     m_i = tl.full([BLOCK_M], NO_SCORE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

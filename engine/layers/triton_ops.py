@@ -30,7 +30,7 @@ def _round(x, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # a NaN's low bits could carry to 0
     else:
         return x.to(dtype).to(tl.float32)
 
@@ -156,10 +156,12 @@ def _qkv_epilogue_kernel(
         tl.store(q_out_ptr + t[:, None] * stride_qt + head * stride_qh + d[None, :], y, mask=mask)
     elif head < HEADS + KV_HEADS:
         y = _norm_rope(src, d, mask, k_norm_ptr, k_cos_ptr + table, k_sin_ptr + table, eps, DIM, QK_NORM)
-        tl.store(k_pool_ptr + slot * stride_ps + (head - HEADS) * stride_ph + d[None, :], y, mask=mask)
+        k_head = (head - HEADS).to(tl.int64)  # times the head-major stride: past 2**31 in large pools
+        tl.store(k_pool_ptr + slot * stride_ps + k_head * stride_ph + d[None, :], y, mask=mask)
     else:
         v = tl.load(src + d[None, :], mask=mask, other=0.0)
-        dst = v_pool_ptr + slot * stride_ps + (head - HEADS - KV_HEADS) * stride_ph + d[None, :]
+        v_head = (head - HEADS - KV_HEADS).to(tl.int64)
+        dst = v_pool_ptr + slot * stride_ps + v_head * stride_ph + d[None, :]
         tl.store(dst, v, mask=mask)
 
 

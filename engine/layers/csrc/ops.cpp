@@ -6,7 +6,10 @@
 // elements: some 15% of a CPU decode step of the default model. Values round to the model's dtype where the
 // torch ops round (after the residual add, after the norm and again after its weight, after SiLU, after each
 // RoPE product and their sum), so in bfloat16 the results match torch's bit for bit up to the order of the
-// float32 sums.
+// float32 sums. The other kernels are built with -ffast-math; these must not be: it turns a division by an
+// overflowed exp (SiLU of a large negative gate) into an approximate reciprocal that gives NaN, and infinities
+// and NaNs must propagate as torch's do.
+#pragma GCC optimize("no-fast-math")
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
