@@ -39,13 +39,15 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to float32 rounding: in 16-bit dtypes, nearly all bits equal and the rest one ulp off."""
+    """Equal up to float32 rounding: in 16-bit dtypes, nearly all bits equal and the rest a few ulps off."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     if expected.dtype == torch.float32:
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         return
+    # A norm's float32 sum in another order can flip one rounding, which its weight (up to about 10 here) and
+    # RoPE's products carry on: a few ulps, rarely. A rounding in the wrong place would make many differ.
     ulp = torch.finfo(expected.dtype).eps
-    torch.testing.assert_close(actual.float(), expected.float(), atol=ulp, rtol=2 * ulp)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=ulp, rtol=8 * ulp)
     assert (actual == expected).float().mean() > 0.995
 
 

@@ -34,6 +34,20 @@ inline float rounded(float x) {
     return static_cast<float>(static_cast<T>(x));
 }
 
+// 1 / sqrt(mean(v^2) + eps), summed in 16 lanes: without -ffast-math the compiler keeps a single running sum
+// serial, and this order is as good as any (torch's own differs).
+inline float inverse_rms(const float* v, int64_t n, float eps) {
+    constexpr int64_t LANES = 16;
+    float lanes[LANES] = {};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int64_t j = 0; j < LANES; j++) lanes[j] += v[i + j] * v[i + j];
+    for (; i < n; i++) lanes[0] += v[i] * v[i];
+    float squares = 0.f;
+    for (float lane : lanes) squares += lane;
+    return 1.f / std::sqrt(squares / static_cast<float>(n) + eps);
+}
+
 // Runs f<T> for the tensor's dtype (float32, bfloat16, float16).
 template <template <typename> class F, typename... Args>
 auto by_dtype(at::ScalarType dtype, Args&&... args) {
@@ -60,7 +74,6 @@ struct Norm {
             std::vector<float> v(width);
             for (int64_t r = begin; r < end; r++) {
                 const int64_t base = r * width;
-                float squares = 0.f;
                 for (int64_t i = 0; i < width; i++) {
                     float value = static_cast<float>(xp[base + i]);
                     if (rp) {
@@ -68,9 +81,8 @@ struct Norm {
                         sp[base + i] = static_cast<T>(value);
                     }
                     v[i] = value;
-                    squares += value * value;
                 }
-                const float scale = 1.f / std::sqrt(squares / static_cast<float>(width) + static_cast<float>(eps));
+                const float scale = inverse_rms(v.data(), width, static_cast<float>(eps));
                 for (int64_t i = 0; i < width; i++)
                     op[base + i] = static_cast<T>(static_cast<float>(wp[i]) * rounded<T>(v[i] * scale));
             }
@@ -133,15 +145,10 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 template <typename T>
 void norm_rope(const T* src, const T* norm, float eps, const T* cos, const T* sin, T* dst, int64_t dim,
                float* v) {
-    float scale = 1.f;
+    for (int64_t i = 0; i < dim; i++) v[i] = static_cast<float>(src[i]);
     if (norm) {
-        float squares = 0.f;
-        for (int64_t i = 0; i < dim; i++) squares += static_cast<float>(src[i]) * static_cast<float>(src[i]);
-        scale = 1.f / std::sqrt(squares / static_cast<float>(dim) + eps);
-    }
-    for (int64_t i = 0; i < dim; i++) {
-        const float x = static_cast<float>(src[i]);
-        v[i] = norm ? rounded<T>(static_cast<float>(norm[i]) * rounded<T>(x * scale)) : x;
+        const float scale = inverse_rms(v, dim, eps);
+        for (int64_t i = 0; i < dim; i++) v[i] = rounded<T>(static_cast<float>(norm[i]) * rounded<T>(v[i] * scale));
     }
     const int64_t half = dim / 2;
     for (int64_t i = 0; i < dim; i++) {
