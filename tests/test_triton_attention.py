@@ -85,9 +85,9 @@ def test_items_lengthen_chunks_to_the_step() -> None:
 def test_auto_picks_triton_on_cuda_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_attention("auto", cpu, torch.float32, 64, cpu_kernels=False) == "vectorized"
-    monkeypatch.setattr(attention, "_triton_runs", lambda device: True)
+    monkeypatch.setattr(attention, "_triton_runs", lambda device, dtype: True)
     assert resolve_attention("auto", cuda, torch.bfloat16, 64) == "triton"
-    monkeypatch.setattr(attention, "_triton_runs", lambda device: False)  # no compiler, say
+    monkeypatch.setattr(attention, "_triton_runs", lambda device, dtype: False)  # no compiler, say
     assert resolve_attention("auto", cuda, torch.bfloat16, 64) == "vectorized"
     assert resolve_attention("reference", cuda, torch.bfloat16, 64) == "reference"
     assert isinstance(ATTENTION_BACKENDS["triton"](), TritonAttention)
@@ -185,9 +185,11 @@ def test_a_replayed_decode_step_waits_for_the_device_once(tok: Any) -> None:
 
 
 def test_the_start_up_probe_runs_the_kernel(caplog: pytest.LogCaptureFixture) -> None:
-    """``auto`` checks that the kernels build and run before choosing them (a CUDA runtime image may lack
-    the compiler Triton needs); a device where they cannot run gives a warning and the torch path."""
-    assert kernel_runs(torch.device(DEVICE))
+    """``auto`` checks that the kernels (attention and fused ops) build and run in the engine's dtype before
+    choosing them (a CUDA runtime image may lack the compiler Triton needs, an old GPU bfloat16 dots); a
+    device where they cannot run gives a warning and the torch path."""
+    assert kernel_runs(torch.device(DEVICE), torch.bfloat16)
+    assert kernel_runs(torch.device(DEVICE), torch.float16)
     if DEVICE == "cpu":  # under the interpreter a CUDA launch fails: no CUDA here
-        assert not kernel_runs(torch.device("cuda"))
-        assert "does not run here" in caplog.text
+        assert not kernel_runs(torch.device("cuda"), torch.bfloat16)
+        assert "do not run here" in caplog.text

@@ -329,12 +329,12 @@ def _triton_attention() -> TritonAttention:
     return TritonAttention()
 
 
-def _triton_runs(device: torch.device) -> bool:
+def _triton_runs(device: torch.device, dtype: torch.dtype) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     from engine.layers.triton_attention import kernel_runs
 
-    return kernel_runs(device)
+    return kernel_runs(device, dtype)
 
 
 def resolve_attention(
@@ -345,7 +345,7 @@ def resolve_attention(
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "triton" if _triton_runs(device) else "vectorized"
+        return "triton" if _triton_runs(device, dtype) else "vectorized"
     usable = (
         device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim in ATTENTION_HEAD_DIMS
     )

@@ -304,21 +304,25 @@ class TritonAttention(FusedAttention):
 
 
 @cache
-def kernel_runs(device: torch.device) -> bool:
-    """Whether the kernels build and run on ``device``: Triton compiles a small C launcher on first use, which
-    needs a C compiler and Python's headers at run time (a CUDA runtime image may have neither). Any failure
-    logs one warning; the caller then keeps the torch path."""
+def kernel_runs(device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
+    """Whether the kernels build and run on ``device`` in ``dtype``: Triton compiles a small C launcher on
+    first use, which needs a C compiler and Python's headers at run time (a CUDA runtime image may have
+    neither), and GPUs before Ampere have no bfloat16 dots. The attention and two of the fused ops run once.
+    Any failure logs one warning; the caller then keeps the torch paths."""
+    from engine.layers.triton_ops import TritonOps
+
     try:
-        kernel = TritonAttention()
+        kernel, ops = TritonAttention(), TritonOps()
         rotary = Rotary(LlamaConfig(head_dim=16), 16, device)
-        plan = kernel.plan([RowSpec(0, 2, [(torch.arange(4), 0)])], rotary, torch.float16)
-        q = torch.randn(2, 2, 16, device=device, dtype=torch.float16)
-        k_pool, v_pool = torch.randn(2, 4, 1, 16, device=device, dtype=torch.float16)
-        out = kernel(q, k_pool, v_pool, plan, 0.25)
-        return bool(torch.isfinite(out).all())
-    except Exception as exc:  # the kernel is an optimization: any failure keeps the torch path
+        plan = kernel.plan([RowSpec(0, 2, [(torch.arange(4), 0)])], rotary, dtype)
+        q = torch.randn(2, 2, 16, device=device, dtype=dtype)
+        k_pool, v_pool = torch.randn(2, 4, 1, 16, device=device, dtype=dtype)
+        outputs = [kernel(q, k_pool, v_pool, plan, 0.25), ops.silu_mul(q.view(2, 32))]
+        outputs += ops.add_rms_norm(q, q, torch.ones(16, device=device, dtype=dtype), 1e-6)
+        return all(bool(torch.isfinite(out).all()) for out in outputs)
+    except Exception as exc:  # the kernels are an optimization: any failure keeps the torch paths
         log.warning(
-            "the Triton attention kernel does not run here (%s: %s); using the vectorized torch attention. "
+            "the Triton kernels do not run here (%s: %s); using the vectorized torch attention. "
             "Triton needs a C compiler and Python's headers at run time (gcc, python3-dev).",
             type(exc).__name__,
             (str(exc).strip().splitlines() or [""])[-1],
