@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtypes", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16", "float32"]
     )
     p.add_argument("--dims", type=int, nargs="+", default=[64, 80, 96, 128, 256], help="head dims")
-    p.add_argument("--rows", type=int, nargs="+", default=[16, 64], help="query rows per tile")
+    p.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64], help="query rows per tile")
     p.add_argument("--stages", type=int, nargs="+", default=[3], help="attend kernel pipeline stages")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--hidden", type=int, default=4096, help="hidden size, for the norm")
