@@ -202,18 +202,22 @@ class _Layout:
 def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int, items: int | None = None) -> KernelPlan:
     """The host plan of a step's rows (their slots are host tensors). With ``items``, the step's distinct keys
     make about that many items where that takes chunks longer than ``chunk`` (a multiple of CHUNK_STEP)."""
-    if items:
-        keys = sum({(s.data_ptr(), len(s)): len(s) for r in rows for s, _ in r.blocks}.values())
-        chunk = max(chunk, -(-keys // (items * CHUNK_STEP)) * CHUNK_STEP)
-    layout = _Layout(chunk, tile_tokens)
     # A job's rows share their first block (its `common`, whose slots tensor the Block caches).
     jobs: dict[tuple[int, int, int], list[RowSpec]] = {}
     for row in rows:
         slots, offset = row.blocks[0]
         jobs.setdefault((slots.data_ptr(), len(slots), offset), []).append(row)
+    # Each job's distinct blocks (by slots tensor) and each row's view of them: block -> offset.
+    blocks: list[tuple[list[RowSpec], dict[BlockKey, torch.Tensor], list[dict[BlockKey, int]]]] = []
     for job in jobs.values():
         by_key = {(s.data_ptr(), n): s for r in job for s, _ in r.blocks if (n := s.shape[0])}
         views = [{(s.data_ptr(), n): offset for s, offset in r.blocks if (n := s.shape[0])} for r in job]
+        blocks.append((job, by_key, views))
+    if items:
+        keys = sum(n for _, by_key, _ in blocks for _, n in by_key)
+        chunk = max(chunk, -(-keys // (items * CHUNK_STEP)) * CHUNK_STEP)
+    layout = _Layout(chunk, tile_tokens)
+    for job, by_key, views in blocks:
         readers = Counter(key for view in views for key in view)
         queries = [
             [_Query(r.start + t, r.view_len - r.num_tokens + t, view) for t in range(r.num_tokens)]
