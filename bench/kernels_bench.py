@@ -121,7 +121,6 @@ def cases(args: argparse.Namespace, dtype: torch.dtype) -> list[tuple[str, Any, 
     constants: the attention kernels per head_dim, the fused ops at the model shape of the flags."""
     from engine.layers import triton_attention as attention
     from engine.layers import triton_ops as ops
-    from engine.models.llama import ModelShape
 
     out = []
     for dim in args.dims:
@@ -130,21 +129,7 @@ def cases(args: argparse.Namespace, dtype: torch.dtype) -> list[tuple[str, Any, 
                 meta = attention.attend_meta(rows, args.heads, args.group, dim, dtype, stages)
                 out.append(("attend", attention._attend_kernel, dim, rows, meta))
         out.append(("merge", attention._merge_kernel, dim, 1, attention.merge_meta(args.heads, dim, 1)))
-        shape = ModelShape(
-            vocab_size=1,
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            num_layers=1,
-            num_heads=args.heads,
-            num_kv_heads=args.heads // args.group,
-            head_dim=dim,
-            rms_norm_eps=1e-6,
-            qkv_bias=False,
-            qk_norm=True,
-            tie_embeddings=True,
-            max_positions=1,
-        )
-        meta = ops.qkv_meta(shape)
+        meta = ops.qkv_meta(args.heads, args.heads // args.group, dim, qk_norm=True)
         out.append(("qkv epilogue", ops._qkv_epilogue_kernel, dim, meta["BLOCK_T"], meta))
     for name, fn, width, meta in [
         ("add + rms_norm", ops._rms_norm_kernel, args.hidden, ops.norm_meta(args.hidden, add=True)),

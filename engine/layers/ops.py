@@ -1,12 +1,13 @@
 """The small ops between a layer's matmuls: RMSNorm (with the residual add before it), SiLU x up, and the
 epilogue of the q/k/v projection (q/k norms, RoPE, the new keys and values written into the pool).
 
-``TorchOps`` writes them as torch ops, which is what transformers runs and what the CPU path uses (there,
-the C++ kernels take the matmuls and attention). Each is several kernels (an RMSNorm is a cast, a square, a
+``TorchOps`` writes them as torch ops, which is what transformers runs and what the reference and vectorized
+attention paths use. Each is several kernels (an RMSNorm is a cast, a square, a
 mean, a rsqrt, two products and a cast back): about 50 launches per Qwen3 layer, some 1,800 per step of a
 36-layer model, which on a GPU costs milliseconds even replayed from a CUDA graph, against a weight-read
-floor of about 5 ms. ``engine.layers.triton_ops.TritonOps`` does each in one kernel, rounding to the model's
-dtype where these ops do, so both give the same numbers.
+floor of about 5 ms. ``engine.layers.triton_ops.TritonOps`` (with the Triton attention) and ``CpuOps`` (with
+the C++ attention) do each in one kernel, rounding to the model's dtype where these ops do, so they give
+the same numbers.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ class TorchOps:
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
-        if attn.q_norm is not None and attn.k_norm is not None:
-            q = self.rms_norm(q, attn.q_norm.weight, s.rms_norm_eps)
-            k = self.rms_norm(k, attn.k_norm.weight, s.rms_norm_eps)
+        if (norms := attn.qk_norms) is not None:
+            q = self.rms_norm(q, norms[0], s.rms_norm_eps)
+            k = self.rms_norm(k, norms[1], s.rms_norm_eps)
         q = rotate(q, step.q_cos, step.q_sin)
         k = rotate(k, step.k_cos, step.k_sin)
         step.k_pool[layer].index_copy_(0, step.write_slots, k)
@@ -77,10 +78,9 @@ class CpuOps(TorchOps):
         return out
 
     def qkv_epilogue(self, qkv: torch.Tensor, attn: Attention, layer: int, step: StepInputs) -> torch.Tensor:
-        norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm and attn.k_norm else (None, None)
         q: torch.Tensor = torch.ops.hogwild_cpu.qkv_epilogue(
             qkv.contiguous(),
-            *norms,
+            *(attn.qk_norms or (None, None)),
             attn.shape.rms_norm_eps,
             step.q_cos,
             step.q_sin,

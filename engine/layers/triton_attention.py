@@ -189,7 +189,7 @@ def attend_meta(
     GQA group)."""
     block_d = max(16, triton.next_power_of_2(dim))
     # Query rows per program: tl.dot needs 16; the cap keeps the accumulator and query tiles in registers
-    # (tests/test_triton_compile.py reports the registers and spills of each head_dim on sm_90).
+    # (`python -m bench kernels` reports the registers and spills of each head_dim on sm_90).
     max_rows = (4096 if dot_dtype == torch.float32 else 8192) // block_d
     block_m = min(64, max_rows, max(16, triton.next_power_of_2(rows)))
     return {

@@ -17,7 +17,7 @@ import triton.language as tl
 from engine.layers.ops import TorchOps
 
 if TYPE_CHECKING:
-    from engine.models.llama import Attention, ModelShape, StepInputs
+    from engine.models.llama import Attention, StepInputs
 
 ROW_ELEMENTS = 4096  # elements per program: rows x (padded) width
 
@@ -184,14 +184,8 @@ def silu_meta(width: int) -> dict[str, Any]:
     return {"WIDTH": width, **row_block(min(width, 1024))}
 
 
-def qkv_meta(shape: ModelShape) -> dict[str, Any]:
-    return {
-        "HEADS": shape.num_heads,
-        "KV_HEADS": shape.num_kv_heads,
-        "DIM": shape.head_dim,
-        "QK_NORM": shape.qk_norm,
-        **row_block(shape.head_dim),
-    }
+def qkv_meta(heads: int, kv_heads: int, head_dim: int, qk_norm: bool) -> dict[str, Any]:
+    return {"HEADS": heads, "KV_HEADS": kv_heads, "DIM": head_dim, "QK_NORM": qk_norm, **row_block(head_dim)}
 
 
 class TritonOps(TorchOps):
@@ -244,8 +238,8 @@ class TritonOps(TorchOps):
         q = qkv.new_empty(rows, s.num_heads, s.head_dim)
         k_pool, v_pool = step.k_pool[layer], step.v_pool[layer]
         assert k_pool.stride() == v_pool.stride() and step.q_cos.stride() == step.k_cos.stride()
-        norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm and attn.k_norm else (qkv, qkv)
-        meta = qkv_meta(s)
+        norms = attn.qk_norms or (qkv, qkv)  # any pointers: the kernel reads them only with QK_NORM
+        meta = qkv_meta(s.num_heads, s.num_kv_heads, s.head_dim, s.qk_norm)
         grid = (triton.cdiv(rows, meta["BLOCK_T"]), s.num_heads + 2 * s.num_kv_heads)
         _qkv_epilogue_kernel[grid](
             qkv,

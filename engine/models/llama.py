@@ -74,6 +74,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.scale = shape.head_dim**-0.5
 
+    @property
+    def qk_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-head q and k norm weights (Qwen3); None for models without them."""
+        if self.q_norm is None or self.k_norm is None:
+            return None
+        return self.q_norm.weight, self.k_norm.weight
+
     def forward(self, x: torch.Tensor, layer: int, step: StepInputs) -> torch.Tensor:
         # Write before attending: every row of this step sees every other row's new tokens.
         q = step.ops.qkv_epilogue(self.qkv_proj(x), self, layer, step)
