@@ -94,7 +94,7 @@ class PageHolder:
 
     def take(self, pool: PagePool) -> int:
         if self.held >= self.reserved:
-            raise RuntimeError("job exceeded its page reservation")
+            raise RuntimeError(f"job exceeded its page reservation of {self.reserved} pages")
         self.held += 1
         return pool.alloc()
 

@@ -7,6 +7,7 @@ worker), run them through a single forward pass, sample, and let each job apply 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
 from engine.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -295,16 +298,21 @@ class Engine:
         events, self.outbox = self.outbox, []
         self._admit()
         scheduled: list[tuple[Job, list[tuple[int, Row]]]] = []
+        slots = []
         budget = self.options.prefill_chunk
-        for job in self.running:
-            rows, budget = job.schedule(budget)
+        for job in list(self.running):
+            try:  # a job's own failure (its rows, its pages) must not stop the others
+                rows, budget = job.schedule(budget)
+                job_slots = [row.block.extend(self.pool, row.tokens, job.holder) for _, row in rows]
+            except Exception as exc:
+                events += self._fail(job, exc)
+                continue
             if rows:
                 scheduled.append((job, rows))
+                slots += job_slots
         if not scheduled:
             return events
-        batch = [(job, row) for job, rows in scheduled for _, row in rows]
-        slots = [row.block.extend(self.pool, row.tokens, job.holder) for job, row in batch]
-        logits = self.runner.run([row for _, row in batch], slots)
+        logits = self.runner.run([row for _, rows in scheduled for _, row in rows], slots)
         # Logits come back in batch order, so each job's rows that asked for them are one contiguous span.
         groups, spans, start = [], [], 0
         for job, rows in scheduled:
@@ -313,18 +321,28 @@ class Engine:
                 groups.append((span, job.options.sampling, job.generator))
             spans.append(span)
             start = span.stop
-        tokens = sample(logits, groups) if start else []
+        record = any(job.options.trace for job, _ in scheduled)
+        tokens, uniforms = sample(logits, groups, record) if start else ([], [])
         self.steps += 1
         for (job, rows), span in zip(scheduled, spans, strict=True):
             wanted = [w for w, row in rows if row.want_logits]
             picked = dict(zip(wanted, tokens[span], strict=True))
-            job_logits = dict(zip(wanted, logits[span], strict=True)) if job.options.trace else {}
+            traced = None
+            if job.options.trace:
+                traced = dict(zip(wanted, zip(logits[span], uniforms[span], strict=True), strict=True))
             try:
-                events += job.absorb(rows, picked, job_logits, self.runner, self.pool)
-            except Exception as exc:  # a job's own failure must not stop the others
-                events += job.fail(f"{type(exc).__name__}: {exc}")
+                events += job.absorb(rows, picked, self.runner, self.pool, traced)
+            except Exception as exc:
+                events += self._fail(job, exc)
             if job.ended:
                 self._retire(job)
+        return events
+
+    def _fail(self, job: Job, exc: Exception) -> list[Event]:
+        """End one job whose own rules or pages failed; the message names it, for the server's log."""
+        log.exception("job %s failed", job.id)
+        events = job.fail(f"job {job.id} failed: {type(exc).__name__}: {exc}")
+        self._retire(job)
         return events
 
     def cancel_all(self) -> list[Event]:

@@ -214,8 +214,18 @@ class Job:
         return events
 
     def _force(self, w: Worker, ids: list[int]) -> list[Event]:
+        """Make ``ids`` the worker's next input, or end it with ``length`` if they would pass its cap:
+        forced text counts against the reservation exactly as sampled text does."""
+        if not self._fits(w, len(ids)):
+            return self._stop_worker(w, "length")
         w.pending = list(ids)
         return [self._token_event(w, t, forced=True) for t in ids]
+
+    def _fits(self, w: Worker, tokens: int) -> bool:
+        """Whether the worker may write ``tokens`` more: the cap that ``max_total_tokens`` is built on. The
+        finisher writes on top of it, within its own allowance."""
+        cap = self.token_cap + (len(self.finisher_ids) + self.options.finisher_tokens if self.finishing else 0)
+        return w.written + tokens <= cap
 
     def _token_event(self, w: Worker, token: int, forced: bool) -> Event:
         piece = w.detok.push(token)
@@ -243,11 +253,12 @@ class Job:
         self,
         rows: list[tuple[int, Row]],
         sampled: dict[int, int],
-        logits: dict[int, torch.Tensor],
         runner: Any,
         pool: PagePool,
+        traced: dict[int, tuple[torch.Tensor, float | None]] | None = None,
     ) -> list[Event]:
-        """Take this step's sampled tokens (by worker), apply text rules, rollovers and finishing."""
+        """Take this step's sampled tokens (by worker), apply text rules, rollovers and finishing.
+        ``traced`` gives each sampled worker's logits and uniform draw, for the trace."""
         trace = self.record(rows)
         events: list[Event] = []
         if self.status == "prefill":
@@ -258,9 +269,10 @@ class Job:
             w = self.workers[worker]
             w.written += len(row.tokens)
             w.pending = []
-            if trace is not None:  # its rows are in the order of ``rows``
-                trace.rows[i].logits = logits.get(worker)
-                trace.rows[i].next_token = sampled.get(worker)
+            if trace is not None and traced and worker in traced:  # trace rows are in ``rows`` order
+                row_trace = trace.rows[i]
+                row_trace.logits, row_trace.uniform = traced[worker]
+                row_trace.next_token = sampled[worker]
             if w.rollover_after:
                 w.rollover_after = False
                 events += self._rollover(w, runner, pool, trace)
@@ -290,7 +302,7 @@ class Job:
             return events
         if any(s in w.text for s in self.options.stop):
             return events + self._stop_worker(w, "stop")
-        if w.generated >= self.options.max_tokens or w.written + 1 > self.token_cap:
+        if w.generated >= self.options.max_tokens or not self._fits(w, 1):
             return events + self._stop_worker(w, "length")
         w.pending = [token]
         if self.layout.rolls_over and ends_step(w.step_text, piece):

@@ -61,9 +61,13 @@ def bias_tensors(bias: Bias, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def sample(
-    logits: torch.Tensor, groups: list[tuple[slice, SamplingParams, torch.Generator | None]]
-) -> list[int]:
-    """One token per row. ``groups`` gives each job's rows (contiguous) with its params and generator."""
+    logits: torch.Tensor,
+    groups: list[tuple[slice, SamplingParams, torch.Generator | None]],
+    record: bool = False,
+) -> tuple[list[int], list[float | None]]:
+    """One token per row, and with ``record`` each sampled row's uniform draw (None for greedy rows; an
+    empty list without ``record``): with it a trace's reader can re-draw the token from its own
+    distribution. ``groups`` gives each job's rows (contiguous) with its params and generator."""
     biased = [(rows, params.logit_bias) for rows, params, _ in groups if params.logit_bias]
     if biased:
         logits = logits.clone()
@@ -71,19 +75,26 @@ def sample(
             ids, values = bias_tensors(bias, logits.device)
             logits[rows, ids] += values
     tokens = logits.argmax(dim=-1)
+    uniforms = torch.full((len(tokens),), math.nan, dtype=torch.float64, device=tokens.device)
     for rows, params, generator in groups:
         if params.greedy:
             continue
-        tokens[rows] = draw(filtered_probs(logits[rows], params), generator)
-    return tokens.tolist()
+        u = torch.rand(len(tokens[rows]), 1, dtype=torch.float64, device=tokens.device, generator=generator)
+        tokens[rows] = draw(filtered_probs(logits[rows], params), u)
+        uniforms[rows] = u[:, 0]
+    if not record:
+        return tokens.tolist(), []
+    # One copy to the host for both (token ids are exact in float64).
+    ids, draws = torch.stack([tokens.double(), uniforms]).tolist()
+    return [int(t) for t in ids], [None if math.isnan(x) else x for x in draws]
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` [rows, vocab] by inverting the CDF with one uniform per row: on the
     CPU about 20x faster than ``torch.multinomial`` (3 ms for 4 rows of 49k), which draws far more random
-    numbers. In float64 the uniform times the total stays below the total, and a token of probability 0
-    (cut by top-k or top-p) is never chosen: the first CDF entry above it belongs to a positive one."""
+    numbers. ``u`` [rows, 1] holds the float64 uniforms in [0, 1). In float64 the uniform times the total
+    stays below the total, and a token of probability 0 (cut by top-k or top-p) is never chosen: the first
+    CDF entry above it belongs to a positive one."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device, generator=generator)
     # NaN probabilities (non-finite logits) find no entry; the clamp keeps the id inside the vocabulary.
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)

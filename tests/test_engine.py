@@ -243,7 +243,8 @@ def test_logit_bias_steers_greedy_and_sampled_choices(tok: Any) -> None:
 
 def test_sampling_draws_tokens_in_proportion_and_never_a_cut_one() -> None:
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]).repeat(10000, 1)
-    tokens = draw(probs, torch.Generator().manual_seed(0)).view(10000, 2)
+    u = torch.rand(len(probs), 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tokens = draw(probs, u).view(10000, 2)
     first = torch.bincount(tokens[:, 0], minlength=5) / 10000
     torch.testing.assert_close(first, probs[0], atol=0.015, rtol=0)
     assert first[1] == first[4] == 0
@@ -253,7 +254,7 @@ def test_sampling_draws_tokens_in_proportion_and_never_a_cut_one() -> None:
 def test_tiny_temperatures_are_greedy_and_nan_probabilities_stay_in_the_vocabulary() -> None:
     assert SamplingParams(temperature=1e-40).greedy and not SamplingParams(temperature=0.5).greedy
     nan = torch.full((2, 7), float("nan"))
-    assert draw(nan, torch.Generator().manual_seed(0)).tolist() == [6, 6]
+    assert draw(nan, torch.rand(2, 1, dtype=torch.float64)).tolist() == [6, 6]
 
 
 def test_staging_packs_each_tensor_at_a_16_byte_boundary() -> None:
