@@ -15,6 +15,8 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -67,6 +69,20 @@ FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
     ),
 }
 
+# Families the oracle also covers, on fewer layouts and worker counts (FAMILIES covers them all).
+MORE_FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    "llama-bias": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True}),
+    "llama-tied": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "linear-rope": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
+    ),
+    # A window no view reaches: served with full attention (positions are capped at the window).
+    "mistral": (MistralConfig, MistralForCausalLM, {"num_key_value_heads": 2, "sliding_window": 4096}),
+}
+ALL_FAMILIES = {**FAMILIES, **MORE_FAMILIES}
+
 
 def tokenizer() -> Any:
     """The default model's tokenizer; its files alone will do (an offline GPU machine is given just those,
@@ -83,12 +99,12 @@ SEEDS = {"qwen2-bias": 1}
 
 def random_model(family: str, vocab_size: int, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A float32 model of the family with random weights (biases too: transformers zeroes them)."""
-    config_cls, model_cls, extra = FAMILIES[family]
+    config_cls, model_cls, extra = ALL_FAMILIES[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(vocab_size=vocab_size, **{**BASE, **extra, **overrides})).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("proj.bias"):
+            if name.endswith("proj.bias"):  # q/k/v, o and the MLP's
                 param.normal_(0, 0.05)
     return model
 

@@ -1,7 +1,8 @@
 """The forward pass of Llama-family decoder models, written over the paged Hogwild pool.
 
 One module covers Llama 2/3, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm) and SmolLM2: they differ only
-in biases, norms and tied embeddings, all read off the checkpoint. q/k/v and gate/up are fused into one
+in biases, norms and tied embeddings, all read off the checkpoint. A config that asks for math this forward
+does not do is refused at load time (``check_config``), never served approximately. q/k/v and gate/up are fused into one
 matmul each, since on a CPU the decode step is dominated by per-op overhead and weight reads.
 """
 
@@ -16,6 +17,57 @@ from transformers import PretrainedConfig
 
 from engine.layers.linear import Kernel, Linear
 from engine.layers.ops import TorchOps
+from engine.layers.rotary import UnsupportedModelError
+
+# Config keys that change the math, with the values this forward implements. Keys a family does not have
+# read as None. Biases are read off the checkpoint's tensors; RoPE types are checked by Rotary; the
+# sliding window by ``sliding_window``.
+SUPPORTED_VALUES: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu", "swish"),
+    "partial_rotary_factor": (None, 1, 1.0),
+    "pretraining_tp": (None, 1),  # >1 splits the matmuls; transformers' own forward no longer does
+    "attn_logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+    "quantization_config": (None,),
+}
+
+
+def check_config(config: PretrainedConfig) -> None:
+    """Refuse, naming the key, any config whose math this forward would silently get wrong."""
+    for key, allowed in SUPPORTED_VALUES.items():
+        value = getattr(config, key, None)
+        if value not in allowed:
+            raise UnsupportedModelError(
+                f"the model's config sets {key}={value!r}; this engine implements only "
+                f"{', '.join(repr(a) for a in allowed if a is not None)}"
+            )
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError(
+            f"partial rotary embeddings (partial_rotary_factor={rope['partial_rotary_factor']}) are not "
+            "supported: RoPE is applied to the whole head"
+        )
+    heads, head_dim = config.num_attention_heads, getattr(config, "head_dim", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"{heads} attention heads do not divide into {kv_heads} KV heads")
+    if head_dim is None and config.hidden_size % heads:
+        raise UnsupportedModelError(f"hidden_size {config.hidden_size} does not divide into {heads} heads")
+    if (head_dim or config.hidden_size // heads) % 2:
+        raise UnsupportedModelError(f"head_dim {head_dim} is odd: RoPE rotates pairs of dimensions")
+
+
+def sliding_window(config: PretrainedConfig) -> int | None:
+    """The attention window of the model's sliding layers, or None when every layer attends to all.
+    transformers marks the sliding layers in ``layer_types`` (Qwen2/3 past ``max_window_layers`` when
+    ``use_sliding_window``); a config with a window and no layer types (Mistral) slides in every layer."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 @dataclass(frozen=True)
@@ -32,10 +84,17 @@ class ModelShape:
     qk_norm: bool
     tie_embeddings: bool
     max_positions: int
+    o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, state: dict[str, torch.Tensor]) -> ModelShape:
+        """The shape of the checkpoint; positions are capped at the sliding window, so that no view ever
+        reaches past it and full attention is exactly what the model computes."""
+        check_config(config)
         heads = config.num_attention_heads
+        window = sliding_window(config)
+        layer0 = "model.layers.0."
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -45,11 +104,13 @@ class ModelShape:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             rms_norm_eps=config.rms_norm_eps,
-            qkv_bias="model.layers.0.self_attn.q_proj.bias" in state,
-            qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
+            qkv_bias=layer0 + "self_attn.q_proj.bias" in state,
+            qk_norm=layer0 + "self_attn.q_norm.weight" in state,
             tie_embeddings="lm_head.weight" not in state
             or bool(getattr(config, "tie_word_embeddings", False)),
-            max_positions=config.max_position_embeddings,
+            max_positions=min(config.max_position_embeddings, window or config.max_position_embeddings),
+            o_bias=layer0 + "self_attn.o_proj.bias" in state,
+            mlp_bias=layer0 + "mlp.gate_proj.bias" in state,
         )
 
 
@@ -69,7 +130,7 @@ class Attention(nn.Module):
         self.q_size = shape.num_heads * shape.head_dim
         self.kv_size = shape.num_kv_heads * shape.head_dim
         self.qkv_proj = Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
-        self.o_proj = Linear(self.q_size, shape.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, shape.hidden_size, bias=shape.o_bias)
         self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.scale = shape.head_dim**-0.5
@@ -91,8 +152,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
-        self.gate_up_proj = Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
-        self.down_proj = Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+        self.gate_up_proj = Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=shape.mlp_bias)
+        self.down_proj = Linear(shape.intermediate_size, shape.hidden_size, bias=shape.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
@@ -166,26 +227,25 @@ class LlamaModel(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a transformers checkpoint's tensors in, fusing q/k/v and gate/up."""
+        """Copy a transformers checkpoint's tensors in, fusing q/k/v and gate/up (and their biases)."""
         own: dict[str, torch.Tensor] = {}
         for i in range(self.shape.num_layers):
             pre = f"model.layers.{i}."
             attn, mlp = pre + "self_attn.", pre + "mlp."
-            own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
-                [state[attn + f"{n}_proj.weight"] for n in "qkv"]
-            )
-            if self.shape.qkv_bias:
-                own[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
-                    [state[attn + f"{n}_proj.bias"] for n in "qkv"]
-                )
-            own[f"layers.{i}.self_attn.o_proj.weight"] = state[attn + "o_proj.weight"]
+            shape = self.shape
+            fused = [  # (our layer, the checkpoint's layers it concatenates, whether they have biases)
+                ("self_attn.qkv_proj", [attn + f"{n}_proj" for n in "qkv"], shape.qkv_bias),
+                ("self_attn.o_proj", [attn + "o_proj"], shape.o_bias),
+                ("mlp.gate_up_proj", [mlp + "gate_proj", mlp + "up_proj"], shape.mlp_bias),
+                ("mlp.down_proj", [mlp + "down_proj"], shape.mlp_bias),
+            ]
+            for name, sources, bias in fused:
+                own[f"layers.{i}.{name}.weight"] = torch.cat([state[s + ".weight"] for s in sources])
+                if bias:
+                    own[f"layers.{i}.{name}.bias"] = torch.cat([state[s + ".bias"] for s in sources])
             if self.shape.qk_norm:
                 own[f"layers.{i}.self_attn.q_norm.weight"] = state[attn + "q_norm.weight"]
                 own[f"layers.{i}.self_attn.k_norm.weight"] = state[attn + "k_norm.weight"]
-            own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-                [state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]]
-            )
-            own[f"layers.{i}.mlp.down_proj.weight"] = state[mlp + "down_proj.weight"]
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 own[f"layers.{i}.{norm}.weight"] = state[pre + f"{norm}.weight"]
         own["embed_tokens.weight"] = state["model.embed_tokens.weight"]
