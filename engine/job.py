@@ -224,7 +224,9 @@ class Job:
     def _fits(self, w: Worker, tokens: int) -> bool:
         """Whether the worker may write ``tokens`` more: the cap that ``max_total_tokens`` is built on. The
         finisher writes on top of it, within its own allowance."""
-        cap = self.token_cap + (len(self.finisher_ids) + self.options.finisher_tokens if self.finishing else 0)
+        cap = self.token_cap + (
+            len(self.finisher_ids) + self.options.finisher_tokens if self.finishing else 0
+        )
         return w.written + tokens <= cap
 
     def _token_event(self, w: Worker, token: int, forced: bool) -> Event:

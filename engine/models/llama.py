@@ -1,9 +1,10 @@
 """The forward pass of Llama-family decoder models, written over the paged Hogwild pool.
 
 One module covers Llama 2/3, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm) and SmolLM2: they differ only
-in biases, norms and tied embeddings, all read off the checkpoint. A config that asks for math this forward
-does not do is refused at load time (``check_config``), never served approximately. q/k/v and gate/up are fused into one
-matmul each, since on a CPU the decode step is dominated by per-op overhead and weight reads.
+in biases, norms and tied embeddings, all read off the checkpoint. q/k/v and gate/up are fused into one
+matmul each, since on a CPU the decode step is dominated by per-op overhead and weight reads. A config
+that asks for math this forward does not do is refused at load time (``check_config``), never served
+approximately.
 """
 
 from __future__ import annotations
