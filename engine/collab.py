@@ -1,41 +1,31 @@
-"""The collaboration format: what the workers are told, the blocks of a layout, and the text rules.
+"""The collaboration format: the blocks of a layout, the headers, and the text rules.
 
-Everything here is plain text; the engine tokenizes it. The structure follows the Hogwild! paper
-(DESIGN.md section 2); the wording is ours.
+Everything here is plain text; the engine tokenizes it. The structure follows the Hogwild! paper; the
+wording is ours. What the workers are told (instructions and worked examples) is in ``engine/prompts.py``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-LAYOUTS = ("combined", "interleaved", "contiguous")
+LAYOUTS = ("combined", "interleaved", "contiguous", "plain")
 NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Nia")
 
 OTHERS_HEADER = "\n\n### Work in progress (others)\n\n"
-OWN_HEADER = "<...>\n\n### Work in progress (own)\n\n"
+CUT = "<...>\n\n"  # where another worker's unfinished text currently ends
+OWN_HEADER = CUT + "### Work in progress (own)\n\n"
 QUICK_CHECK = "Quick check: am I doing redundant work? (yes/no): "
 FINISHER = (
     "\n\nWait, given the limited time, I have to give an answer right now. Considering all my previous "
     "attempts, I have to conclude that the final answer is \\boxed{"
 )
 ANSWER_PREFIX = "\\boxed{"
-
-INSTRUCTIONS = """You are one of {count} assistants ({names}) solving the problem below together, \
-at the same time. You all share one memory: you can read what the others write the moment they write it.
-
-How the shared text is laid out:
-- First comes the history of finished steps, each tagged with the author's name and step number, like \
-"**{first} [3]:** ...".
-- Then, under "### Work in progress (others)", the unfinished current step of every other assistant.
-- Last, under "### Work in progress (own)", your own current step, which you simply continue.
-
-Work as a team: split the problem, build on each other's results, and check each other's reasoning. If you \
-find that you are doing the same thing as someone else, stop and do something different. From time to \
-time you will be asked whether you are doing redundant work: answer honestly and change course if so. \
-When the team has the answer, write it as \\boxed{{answer}}.
-
-Problem:
-"""
+# Text whose tokens multi-worker jobs never sample (with BOS and EOS): a worker must not forge the
+# layout's section headers nor leave the reasoning mode.
+GUARDED_TEXT = ("#", "</think>")
+# What a worker copies from an instruction instead of answering: never an answer.
+PLACEHOLDERS = ("", "answer", "answer here", "your answer", "final answer", "...", "x")
 
 
 def worker_name(index: int) -> str:
@@ -43,15 +33,10 @@ def worker_name(index: int) -> str:
     return base if index < len(NAMES) else f"{base}{index // len(NAMES) + 1}"
 
 
-def instructions(workers: int) -> str:
-    """A lone worker has no one to collaborate with, so it gets the problem as asked."""
-    if workers == 1:
+def opener(index: int, workers: int, layout: str) -> str:
+    """The forced start of a worker's text; a plain sequence has none."""
+    if layout == "plain":
         return ""
-    names = [worker_name(i) for i in range(workers)]
-    return INSTRUCTIONS.format(count=workers, names=", ".join(names), first=names[0])
-
-
-def opener(index: int, workers: int) -> str:
     name = worker_name(index)
     if workers == 1:
         return step_header(index, 1)
@@ -66,34 +51,58 @@ def step_header(index: int, step: int) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which static blocks a layout has and how a worker's view is ordered."""
+    """Which static blocks a layout has and how each view is ordered.
+
+    Blocks: ``common`` (the prompt and, in the rolling layouts, every finished step), each worker's own
+    block (``step:<Name>``, or ``out:<Name>`` where it is never rolled over), and static blocks computed
+    once after the prompt: the headers and one cut mark per worker (``cut:<k>``; each position has its own
+    block so that no block is read twice in a view)."""
 
     name: str
+    workers: int
 
     @property
     def rolls_over(self) -> bool:
-        return self.name != "contiguous"
+        return self.name in ("combined", "interleaved")
 
     def worker_block(self, index: int) -> str:
-        prefix = "out" if self.name == "contiguous" else "step"
+        prefix = "step" if self.rolls_over else "out"
         return f"{prefix}:{worker_name(index)}"
 
     def static_blocks(self) -> list[tuple[str, str]]:
         """(name, text) of the blocks computed once after the prompt, in order."""
-        if self.name == "combined":
-            return [("others_header", OTHERS_HEADER), ("own_header", OWN_HEADER)]
-        if self.name == "contiguous":
-            return [("split_marker", OWN_HEADER)]
-        return []
+        if self.name == "plain":
+            return []
+        head = [] if self.name == "contiguous" else [("others_header", OTHERS_HEADER)]
+        cuts = [(f"cut:{k}", CUT) for k in range(1, self.workers + 1)]
+        own = [("own_header", OWN_HEADER)] if self.name != "interleaved" else []
+        return head + cuts + own
 
-    def view(self, index: int, workers: int) -> list[str]:
+    def _others(self, blocks: list[str]) -> list[str]:
+        """Other workers' texts one after another, each but the last ended by its own cut mark."""
+        out: list[str] = []
+        for k, block in enumerate(blocks, start=1):
+            out += [block, f"cut:{k}"] if k < len(blocks) else [block]
+        return out
+
+    def view(self, index: int) -> list[str]:
         own = self.worker_block(index)
-        others = [self.worker_block(j) for j in range(workers) if j != index]
+        others = [self.worker_block(j) for j in range(self.workers) if j != index]
         if self.name == "combined":
-            return ["common", "others_header", *others, "own_header", own]
+            return ["common", "others_header", *self._others(others), "own_header", own]
         if self.name == "contiguous":
-            return ["common", *others, "split_marker", own]
+            return ["common", *self._others(others), "own_header", own]
         return ["common", own]
+
+    def finisher_view(self) -> list[str]:
+        """What the finisher reads before its own block: every worker's text, each ended by a cut mark
+        (a plain sequence simply goes on)."""
+        blocks = [self.worker_block(j) for j in range(self.workers)]
+        if self.name == "plain":
+            return ["common", *blocks]
+        head = [] if self.name == "contiguous" else ["others_header"]
+        cut = [name for k, b in enumerate(blocks, start=1) for name in (b, f"cut:{k}")]
+        return ["common", *head, *cut]
 
 
 SENTENCE_ENDS = (".", "?", "!", ":", "...", "。")
@@ -112,7 +121,7 @@ def ends_step(step_text: str, last_token_text: str) -> bool:
     return step_text.count("```") % 2 == 0 and step_text.count("$$") % 2 == 0
 
 
-def find_answer(text: str, prefix: str = ANSWER_PREFIX) -> str | None:
+def find_boxed(text: str, prefix: str = ANSWER_PREFIX) -> str | None:
     """The content of the last complete ``prefix ... }`` in text, braces balanced; None if there is none."""
     found = None
     start = text.find(prefix)
@@ -125,3 +134,45 @@ def find_answer(text: str, prefix: str = ANSWER_PREFIX) -> str | None:
             found = text[start + len(prefix) : i - 1].strip()
         start = text.find(prefix, start + 1)
     return found
+
+
+@dataclass(frozen=True)
+class AnswerRule:
+    """Finds a job's answer in a worker's text: the rightmost ``\\boxed{}`` by default, or the one group of
+    ``pattern`` (multiple choice, a code block). Placeholders copied from an instruction never count."""
+
+    pattern: str | None = None
+
+    def find(self, text: str) -> str | None:
+        if self.pattern is None:
+            found = find_boxed(text)
+        else:
+            matches = list(re.finditer(self.pattern, text, flags=re.DOTALL))
+            found = matches[-1].group(1).strip() if matches else None
+        if found is None or found.lower().strip(" .") in PLACEHOLDERS:
+            return None
+        return found
+
+
+def check_answer_pattern(pattern: str | None) -> str | None:
+    """A request's answer pattern, compiled once here so that a bad one is refused, not a job's error."""
+    if pattern is None:
+        return None
+    from engine.errors import InvalidRequest
+
+    if not isinstance(pattern, str) or len(pattern) > 500:
+        raise InvalidRequest("answer_pattern", "answer_pattern must be a regex of at most 500 characters")
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as exc:
+        raise InvalidRequest("answer_pattern", f"answer_pattern is not a valid regex: {exc}") from None
+    if groups != 1:
+        raise InvalidRequest("answer_pattern", f"answer_pattern must have exactly one group, not {groups}")
+    return pattern
+
+
+def header_guard(workers: int) -> re.Pattern[str]:
+    """Text that ends in ``**Name`` for one of the job's workers: the next token must not open ``[``, or
+    the worker would forge a step header the others would read as a real one."""
+    names = "|".join(re.escape(worker_name(i)) for i in range(workers))
+    return re.compile(rf"\*\*\s?(?:{names})\s?$")

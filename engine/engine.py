@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from engine.block_manager import PagePool
-from engine.collab import LAYOUTS, instructions
+from engine.collab import GUARDED_TEXT, LAYOUTS, check_answer_pattern
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.events import Event
 from engine.job import Job, JobOptions
@@ -25,7 +25,8 @@ from engine.layers.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
 from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
-from engine.sampling import SamplingParams, sample
+from engine.prompts import BUILTIN, Preset, load_presets
+from engine.sampling import SamplingParams, sample, sampling_defaults
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class EngineOptions:
     cpu_kernels: bool = True  # the C++ kernels on CPUs with AVX512-BF16 (engine/layers/cpu_kernels.py)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA, triton attention)
     fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
+    presets: str | None = None  # a JSON file of extra instruction presets (engine/prompts.py)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -100,6 +102,14 @@ class Engine:
             fused_ops=opts.fused_ops,
         )
         self.eos_ids = self._eos_ids(hf_model)
+        self.default_sampling = sampling_defaults(hf_model)
+        self.presets: dict[str, Preset] = {**BUILTIN, **(load_presets(opts.presets) if opts.presets else {})}
+        tokens = [t or "" for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        self.vocab = [t.lstrip("\u0120\u2581 ") for t in tokens]  # byte-level and sentencepiece spaces
+        self.brackets = tuple(i for i, t in enumerate(self.vocab) if t.startswith("["))
+        self.guards = self.token_ids_containing(GUARDED_TEXT) | {
+            t for t in (tokenizer.bos_token_id, *self.eos_ids) if t is not None
+        }
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Job] = deque()
         self.running: list[Job] = []
@@ -173,15 +183,20 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def prompt_ids(self, prompt: str | list[dict[str, str]], workers: int) -> list[int]:
-        """The chat-templated prompt, with the collaboration instructions before the problem."""
+    def token_ids_containing(self, texts: tuple[str, ...]) -> set[int]:
+        return {i for i, t in enumerate(self.vocab) if any(x in t for x in texts)}
+
+    def prompt_ids(
+        self, prompt: str | list[dict[str, str]], workers: int, layout: str = "combined", preset: str = "none"
+    ) -> list[int]:
+        """The chat-templated prompt: the preset's worked examples as earlier turns, its instructions
+        before the first user turn."""
         messages = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         )
-        users = [m for m in messages if m.get("role") == "user"]
-        if not users:
+        if not any(m.get("role") == "user" for m in messages):
             raise InvalidRequest("messages", "messages must contain a user message")
-        users[-1]["content"] = instructions(workers) + users[-1]["content"]
+        messages = self.presets[preset].render(messages, workers, layout)
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return self.encode(text)
@@ -193,34 +208,62 @@ class Engine:
         workers: int = 2,
         layout: str = "combined",
         max_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int | None = None,
         quick_check_every: int = 1024,
         finisher: bool = True,
+        finisher_tokens: int = 16,
+        checkpoints: list[int] | None = None,
+        instructions: str | None = None,
+        suppress: bool | list[str] | None = None,
+        answer_pattern: str | None = None,
         stop: list[str] | str | None = None,
         logit_bias: dict[int, float] | None = None,
         trace: bool = False,
         job_id: str | None = None,
     ) -> Job:
-        """Queue a job; raises InvalidRequest naming the problem, PromptTooLong, or QueueFullError."""
+        """Queue a job; raises InvalidRequest naming the problem, PromptTooLong, or QueueFullError.
+
+        Sampling left unset comes from the model's generation config; ``instructions`` defaults to the
+        full preset for several workers and none for one; ``suppress`` (the format guards) is on by
+        default for several workers."""
         if not isinstance(workers, int) or not 1 <= workers <= self.options.max_workers:
             raise InvalidRequest("workers", f"workers must be between 1 and {self.options.max_workers}")
         if layout not in LAYOUTS:
             raise InvalidRequest("layout", f"layout must be one of {', '.join(LAYOUTS)}")
+        if layout == "plain" and workers != 1:
+            raise InvalidRequest("workers", "the plain layout is one ordinary sequence: workers must be 1")
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.options.max_tokens:
             raise InvalidRequest("max_tokens", f"max_tokens must be between 1 and {self.options.max_tokens}")
         if not isinstance(quick_check_every, int) or quick_check_every < 0:
             raise InvalidRequest("quick_check_every", "quick_check_every must be an integer >= 0")
+        if not isinstance(finisher_tokens, int) or not 1 <= finisher_tokens <= 1024:
+            raise InvalidRequest("finisher_tokens", "finisher_tokens must be between 1 and 1024")
+        budgets = tuple(checkpoints or ())
+        if len(budgets) > 64 or any(not isinstance(b, int) or not 1 <= b <= max_tokens for b in budgets):
+            raise InvalidRequest("checkpoints", "checkpoints must be at most 64 budgets in [1, max_tokens]")
         if seed is not None and (not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
             raise InvalidRequest("seed", "seed must be an integer in [-2**63, 2**64)")
+        multi = workers > 1 and layout != "plain"
+        preset = instructions if instructions is not None else ("full" if multi else "none")
+        if preset not in self.presets:
+            raise InvalidRequest("instructions", f"instructions must be one of {', '.join(self.presets)}")
+        rule = check_answer_pattern(answer_pattern)
         bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
         if any(not 0 <= t < self.shape.vocab_size for t, _ in bias):
             raise InvalidRequest(
                 "logit_bias", f"logit_bias token ids must be in [0, {self.shape.vocab_size})"
             )
-        sampling = SamplingParams(temperature, top_p, top_k, bias)
+        defaults = self.default_sampling
+        sampling = SamplingParams(
+            defaults.temperature if temperature is None else temperature,
+            defaults.top_p if top_p is None else top_p,
+            defaults.top_k if top_k is None else top_k,
+            bias,
+            self._suppressed(multi if suppress is None else suppress),
+        )
         sampling.validate()
         if not prompt:
             raise InvalidRequest("prompt", "prompt must not be empty")
@@ -237,10 +280,16 @@ class Engine:
             seed=seed,
             quick_check_every=quick_check_every,
             finisher=finisher,
+            finisher_tokens=finisher_tokens,
+            checkpoints=budgets,
+            answer_pattern=rule,
+            instructions=preset,
             stop=stops,
             trace=trace,
         )
-        ids = self.prompt_ids(prompt, workers)
+        ids = self.prompt_ids(prompt, workers, layout, preset)
+        if len(ids) < 2:
+            raise InvalidRequest("prompt", "prompt must be at least two tokens long")
         job = Job(
             job_id or f"job-{uuid.uuid4().hex[:12]}",
             ids,
@@ -269,6 +318,17 @@ class Engine:
         self.jobs[job.id] = job
         self.queue.append(job)
         return job
+
+    def _suppressed(self, suppress: bool | list[str]) -> tuple[int, ...]:
+        """The ids a job never samples: the format guards for ``True``, tokens holding any of the
+        strings of a list."""
+        if isinstance(suppress, bool):
+            return tuple(sorted(self.guards)) if suppress else ()
+        if not isinstance(suppress, list) or not all(isinstance(x, str) and x for x in suppress):
+            raise InvalidRequest("suppress", "suppress must be true, false or a list of non-empty strings")
+        if len(suppress) > 256:
+            raise InvalidRequest("suppress", "suppress takes at most 256 strings")
+        return tuple(sorted(self.token_ids_containing(tuple(suppress))))
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; its pages are free when this returns."""
@@ -313,19 +373,28 @@ class Engine:
         if not scheduled:
             return events
         logits = self.runner.run([row for _, rows in scheduled for _, row in rows], slots)
-        # Logits come back in batch order, so each job's rows that asked for them are one contiguous span.
-        groups, spans, start = [], [], 0
+        # Logits come back in batch order: each job's rows that asked for them are one contiguous span,
+        # cut into runs of rows that sample alike (a job's finisher rows are greedy).
+        groups: list[tuple[slice, SamplingParams, torch.Generator | None]] = []
+        row_bans: list[tuple[int, tuple[int, ...]]] = []
+        spans, start = [], 0
         for job, rows in scheduled:
-            span = slice(start, start + sum(row.want_logits for _, row in rows))
-            if span.stop > span.start:
-                groups.append((span, job.options.sampling, job.generator))
-            spans.append(span)
-            start = span.stop
+            keys = [key for key, row in rows if row.want_logits]
+            for i, key in enumerate(keys, start):
+                params, generator = job.sampling_for(key)
+                if groups and groups[-1][0].stop == i and groups[-1][1:] == (params, generator) and i > start:
+                    groups[-1] = (slice(groups[-1][0].start, i + 1), params, generator)
+                else:
+                    groups.append((slice(i, i + 1), params, generator))
+                if job.guarded(key):
+                    row_bans.append((i, self.brackets))
+            spans.append(slice(start, start + len(keys)))
+            start += len(keys)
         record = any(job.options.trace for job, _ in scheduled)
-        tokens, uniforms = sample(logits, groups, record) if start else ([], [])
+        tokens, uniforms = sample(logits, groups, record, tuple(row_bans)) if start else ([], [])
         self.steps += 1
         for (job, rows), span in zip(scheduled, spans, strict=True):
-            wanted = [w for w, row in rows if row.want_logits]
+            wanted = [key for key, row in rows if row.want_logits]
             picked = dict(zip(wanted, tokens[span], strict=True))
             traced = None
             if job.options.trace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     logit_bias: Bias = ()  # (token id, added logit), as in OpenAI's API
+    suppress: tuple[int, ...] = ()  # token ids never chosen (the format guards)
 
     def validate(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
@@ -35,6 +37,19 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Temperatures under GREEDY_BELOW are greedy too: dividing logits by them overflows to inf."""
         return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+
+def sampling_defaults(hf_model: Any) -> SamplingParams:
+    """The model's own sampling (its generation config: QwQ, DeepSeek-R1 and Qwen3 ship one) for
+    requests that set none; greedy for a model that does not sample by default."""
+    config = getattr(hf_model, "generation_config", None)
+    if config is None or not getattr(config, "do_sample", False):
+        return SamplingParams()
+    return SamplingParams(
+        float(getattr(config, "temperature", None) or 1.0),
+        float(getattr(config, "top_p", None) or 1.0),
+        int(getattr(config, "top_k", None) or 0),
+    )
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -53,6 +68,12 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=256)
+def id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Token ids on the device, made once per set (as ``bias_tensors``)."""
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=256)
 def bias_tensors(bias: Bias, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A logit_bias as (token ids, values) on the device, made once: a copy from the host each step would
     make the step wait for the device."""
@@ -64,16 +85,23 @@ def sample(
     logits: torch.Tensor,
     groups: list[tuple[slice, SamplingParams, torch.Generator | None]],
     record: bool = False,
+    row_bans: tuple[tuple[int, tuple[int, ...]], ...] = (),
 ) -> tuple[list[int], list[float | None]]:
     """One token per row, and with ``record`` each sampled row's uniform draw (None for greedy rows; an
     empty list without ``record``): with it a trace's reader can re-draw the token from its own
-    distribution. ``groups`` gives each job's rows (contiguous) with its params and generator."""
-    biased = [(rows, params.logit_bias) for rows, params, _ in groups if params.logit_bias]
-    if biased:
+    distribution. ``groups`` gives runs of rows (contiguous) with their params and generator;
+    ``row_bans`` bans ids in single rows, on top of their group's ``suppress``."""
+    biased = [(rows, params) for rows, params, _ in groups if params.logit_bias or params.suppress]
+    if biased or row_bans:
         logits = logits.clone()
-        for rows, bias in biased:
-            ids, values = bias_tensors(bias, logits.device)
-            logits[rows, ids] += values
+        for rows, params in biased:
+            if params.logit_bias:
+                ids, values = bias_tensors(params.logit_bias, logits.device)
+                logits[rows, ids] += values
+            if params.suppress:
+                logits[rows, id_tensor(params.suppress, logits.device)] = -math.inf
+        for row, banned in row_bans:
+            logits[row, id_tensor(banned, logits.device)] = -math.inf
     tokens = logits.argmax(dim=-1)
     uniforms = torch.full((len(tokens),), math.nan, dtype=torch.float64, device=tokens.device)
     for rows, params, generator in groups:

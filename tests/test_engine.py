@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import Engine, InvalidRequest, PromptTooLong, UnsupportedModelError
-from engine.collab import ends_step, find_answer
+from engine.collab import AnswerRule, ends_step, find_boxed
 from engine.model_runner import Staging
 from engine.sampling import SamplingParams, draw
 from tests.models import tiny_model
@@ -225,10 +225,10 @@ def test_step_rule() -> None:
 
 
 def test_answer_detection() -> None:
-    assert find_answer("so \\boxed{42}.") == "42"
-    assert find_answer("\\boxed{\\frac{1}{2}} then \\boxed{3}") == "3"
-    assert find_answer("\\boxed{\\frac{1}{2}") is None
-    assert find_answer("no answer") is None
+    assert find_boxed("so \\boxed{42}.") == "42"
+    assert find_boxed("\\boxed{\\frac{1}{2}} then \\boxed{3}") == "3"
+    assert find_boxed("\\boxed{\\frac{1}{2}") is None
+    assert find_boxed("no answer") is None
 
 
 def test_logit_bias_steers_greedy_and_sampled_choices(tok: Any) -> None:

@@ -30,7 +30,7 @@ def check_reservations(eng: Engine) -> None:
         tokens = sum(len(b) for b in job.blocks.values())
         assert tokens <= job.max_total_tokens, (job.id, tokens, job.max_total_tokens)
         for w in job.workers:
-            assert w.written + len(w.pending) <= job.cap, (job.id, w.name, w.written, len(w.pending))
+            assert w.written + len(w.pending) <= job.token_cap, (job.id, w.name, w.written, len(w.pending))
 
 
 def run_checked(eng: Engine, jobs: list[Job], cancel_at: dict[int, str] | None = None) -> None:
