@@ -256,6 +256,10 @@ def show_job(job: dict[str, Any], console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "eval":  # its own options and output (clients/eval, docs/EVAL.md)
+        from clients.eval import main as eval_main
+
+        return eval_main(argv[1:])
     is_command = bool(argv) and argv[0] in COMMANDS
     args = (command_parser() if is_command else run_parser()).parse_args(argv)
     console = Console()
