@@ -85,6 +85,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="true",
         help="norms, SiLU, RoPE and K/V writes fused (with the triton or cpu attention), or as torch ops",
     )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="give every job a checkpoint every TOKENS tokens per worker (a greedy finisher branch beside "
+        "the workers), to measure what the branches cost",
+    )
     p.add_argument("--no-generate", action="store_true", help="skip transformers generate")
     p.add_argument("--no-independent", action="store_true", help="skip the independent-jobs rows")
     p.add_argument(
@@ -124,7 +132,9 @@ def bench_generate(hf_model: Any, ids: list[int], tokens: int) -> Run:
     return stamps[-1] - stamps[0], tokens - 1, tokens - 1, None, None
 
 
-def submit(eng: Any, prompt: str, workers: int, tokens: int) -> Any:
+def submit(eng: Any, prompt: str, workers: int, tokens: int, checkpoints: list[int] | None = None) -> Any:
+    """The short instructions keep a context's length what it says (the full preset adds about 750
+    tokens of examples, the same for every context); the format guards stay on."""
     bias = {t: -100.0 for t in eng.eos_ids}  # as min_new_tokens does for generate
     return eng.submit(
         prompt,
@@ -134,6 +144,8 @@ def submit(eng: Any, prompt: str, workers: int, tokens: int) -> Any:
         finisher=False,
         quick_check_every=0,
         logit_bias=bias,
+        instructions="short",
+        checkpoints=checkpoints,
     )
 
 
@@ -160,11 +172,16 @@ def head_start(prompt_tokens: int, jobs: int, prefill_chunk: int) -> int:
     return jobs * (-(-prompt_tokens // prefill_chunk) + 8)
 
 
-def bench_jobs(eng: Any, prompt: str, workers: int, jobs: int, tokens: int) -> Run:
+def bench_jobs(eng: Any, prompt: str, workers: int, jobs: int, tokens: int, every: int = 0) -> Run:
     """``jobs`` jobs of ``workers`` workers each: ``tokens`` steps once every sequence decodes, timed as
-    (decode s, tokens, steps) after the first of them, then (s, tokens) including it; then cancelled."""
-    extra = head_start(len(eng.prompt_ids(prompt, workers)), jobs, eng.options.prefill_chunk)
-    batch = [submit(eng, prompt, workers, tokens + extra + WARM_STEPS) for _ in range(jobs)]
+    (decode s, tokens, steps) after the first of them, then (s, tokens) including it; then cancelled.
+    ``every``: a checkpoint every that many tokens per worker (branch tokens are not counted)."""
+    extra = head_start(
+        len(eng.prompt_ids(prompt, workers, "combined", "short")), jobs, eng.options.prefill_chunk
+    )
+    most = tokens + extra + WARM_STEPS
+    checkpoints = list(range(every, most, every)) if every else None
+    batch = [submit(eng, prompt, workers, most, checkpoints) for _ in range(jobs)]
     run_prefill(eng, batch)
     for _ in range(WARM_STEPS):
         eng.step()
@@ -345,7 +362,10 @@ def main(args: argparse.Namespace) -> int:
                 [("independent", 1, n)] if n > 1 and not args.no_independent else []
             )
             for kind, workers, jobs in kinds:
-                runs = [bench_jobs(eng, prompt, workers, jobs, args.tokens) for _ in range(args.repeats)]
+                runs = [
+                    bench_jobs(eng, prompt, workers, jobs, args.tokens, args.checkpoint_every)
+                    for _ in range(args.repeats)
+                ]
                 ids = len(eng.prompt_ids(prompt, workers))
                 name = f"{kind} {n}"
                 figures.append(

@@ -44,7 +44,8 @@ def run_parser() -> argparse.ArgumentParser:
     _common(p)
     # None everywhere: options left out are the server's defaults, so the CLI never contradicts them.
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--layout", choices=("combined", "interleaved", "contiguous"), default=None)
+    p.add_argument("--layout", choices=("combined", "interleaved", "contiguous", "plain"), default=None)
+    p.add_argument("--instructions", default=None, help="preset: full, short, none or a server's own")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -53,6 +54,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--quick-check-every", type=int, default=None)
     p.add_argument("--no-finisher", action="store_true")
+    p.add_argument("--finisher-tokens", type=int, default=None)
+    p.add_argument("--checkpoints", type=int, nargs="+", default=None, help="budgets (tokens per worker)")
+    p.add_argument("--answer-pattern", default=None, help="a regex with one group (default: \\boxed{})")
+    p.add_argument("--no-suppress", action="store_true", help="let workers write the guarded tokens")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--columns", dest="view", action="store_const", const="columns", help="(default)")
     view.add_argument(
@@ -113,6 +118,9 @@ class Watch:
         elif event.type == "quick_check" and self.view == "stream":
             name = self.names[self._worker(int(d["worker"]))]
             self.console.print(Text(f"[quick check for {name}, step {d.get('step')}]", style="dim"))
+        elif event.type == "checkpoint":
+            line = f"[checkpoint at {d.get('budget')} tokens per worker: {d.get('answer')!r}]"
+            self.console.print(Text(line, style="dim"))
         elif event.type == "final":
             self.answer = d.get("answer")
         elif event.type == "error":
@@ -171,6 +179,11 @@ def run(args: argparse.Namespace, client: HogwildClient, console: Console) -> in
         "stop": args.stop,
         "quick_check_every": args.quick_check_every,
         "finisher": False if args.no_finisher else None,
+        "finisher_tokens": args.finisher_tokens,
+        "checkpoints": args.checkpoints,
+        "instructions": args.instructions,
+        "answer_pattern": args.answer_pattern,
+        "suppress": False if args.no_suppress else None,
     }
     job = client.submit(args.problem, **options)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-EVENT_TYPES = ("token", "step", "quick_check", "final", "done", "error")
+EVENT_TYPES = ("token", "step", "quick_check", "checkpoint", "final", "done", "error")
 
 
 @dataclass

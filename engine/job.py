@@ -213,6 +213,18 @@ class Job:
             "total_tokens": len(self.prompt_ids) + generated,
         }
 
+    @property
+    def resolved_options(self) -> dict[str, Any]:
+        """The options as the engine filled them in: what the job object shows as used."""
+        sampling = self.options.sampling
+        return {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "instructions": self.options.instructions,
+            "suppressed_tokens": len(sampling.suppress),
+        }
+
     # -- scheduling ---------------------------------------------------------------------------------
 
     def schedule(self, prefill_budget: int) -> tuple[list[tuple[int, Row]], int]:

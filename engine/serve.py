@@ -158,6 +158,7 @@ class EngineService:
                 "job_id": job.id,
                 "prompt_tokens": len(job.prompt_ids),
                 "workers": [w.name for w in job.workers],
+                "options": job.resolved_options,
             }
         }
 
@@ -214,7 +215,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: SmolLM2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    kinds: dict[str, Callable[[str], Any]] = {"str": str, "bool": parse_bool}
+    kinds: dict[str, Callable[[str], Any]] = {"str": str, "str | None": str, "bool": parse_bool}
     for f in dataclasses.fields(EngineOptions):
         kind = kinds.get(str(f.type), int)  # annotations are strings here (PEP 563)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)

@@ -97,6 +97,7 @@ class Hub:
                 self.metrics.rejected.labels(exc.code).inc()
             raise
         record.prompt_tokens = result["prompt_tokens"]
+        record.options.update(result.get("options") or {})  # what the engine resolved (sampling, preset)
         return record
 
     async def cancel(self, record: JobRecord) -> None:

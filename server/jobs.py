@@ -44,6 +44,7 @@ class JobRecord:
     prompt_tokens: int = 0
     status: str = "queued"
     history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
     answer: str | None = None
     finish_reason: str | None = None
     error: str | None = None
@@ -72,6 +73,7 @@ class JobRecord:
                 "index": w.tokens,
                 "step": data.get("step", w.step),
                 "forced": ev["forced"],
+                "finisher": bool(data.get("finisher")),
             }
             w.text += ev["text"]
             w.tokens += 1
@@ -86,6 +88,9 @@ class JobRecord:
             w.step = data["step"] + 1
         elif kind == "quick_check":
             out = {"worker": ev["worker"], "step": data.get("step")}
+        elif kind == "checkpoint":
+            out = {"budget": data["budget"], "answer": data["answer"], "tokens": data["tokens"]}
+            self.checkpoints.append(out)
         elif kind == "final":
             self.answer = ev["text"]
             out = {"answer": ev["text"]}
@@ -150,6 +155,7 @@ class JobRecord:
             "options": self.options,
             "workers": [vars(w).copy() for w in self.workers],
             "history": list(self.history),
+            "checkpoints": list(self.checkpoints),
             "answer": self.answer,
             "finish_reason": self.finish_reason,
             "error": self.error,

@@ -3,7 +3,7 @@ engine's limits (workers, max_tokens, prompt length) are checked by the engine, 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,13 +24,19 @@ class HogwildOptions(BaseModel):
 
     workers: int = Field(2, ge=1, le=INT32)
     layout: str = "combined"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = Field(0, ge=0, le=INT32)
+    # Unset sampling comes from the model's generation config (greedy when it has none).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, ge=0, le=INT32)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     quick_check_every: int = Field(1024, ge=0, le=INT32)
     finisher: bool = True
+    finisher_tokens: int = Field(16, ge=1, le=INT32)
+    checkpoints: list[Annotated[int, Field(ge=1, le=INT32)]] | None = Field(None, max_length=64)
+    instructions: str | None = Field(None, max_length=100)
+    suppress: bool | list[str] | None = Field(None, max_length=256)
+    answer_pattern: str | None = Field(None, max_length=500)
 
     def sampling_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in HogwildOptions.model_fields}
@@ -80,13 +86,12 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(HogwildOptions):
     """OpenAI's chat completion body; unknown OpenAI parameters are ignored, Hogwild's ride along
-    (``extra_body`` in the openai package). Sampling defaults follow OpenAI (temperature 1)."""
+    (``extra_body`` in the openai package). Unset sampling comes from the model, as on the jobs API."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = 1.0
     max_tokens: int | None = Field(None, ge=1, le=INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     n: Literal[1] = 1

@@ -225,6 +225,17 @@ function onQuickCheck(d) {
   addHistory(item);
 }
 
+function onCheckpoint(d) {
+  const list = $("checkpoints");
+  const answer = d.answer === null || d.answer === undefined ? "(none)" : String(d.answer);
+  const item = el("li", "checkpoint");
+  item.append(el("span", "budget", `${d.budget} tokens`), el("span", "cp-answer", answer),
+    el("span", "muted", `${d.tokens} generated`));
+  list.append(item);
+  list.hidden = false;
+  $("result").hidden = false;
+}
+
 function onFinal(d) {
   $("answer").textContent = d.answer === null || d.answer === undefined ? "(none)" : String(d.answer);
   $("result").hidden = false;
@@ -290,6 +301,8 @@ function resetView(job) {
   $("history-count").textContent = "";
   $("answer").textContent = "";
   $("done").replaceChildren();
+  $("checkpoints").replaceChildren();
+  $("checkpoints").hidden = true;
   $("result").hidden = true;
   showBanner($("job-error"), "");
   $("stream-note").textContent = "";
@@ -309,7 +322,9 @@ function resetView(job) {
   window.history.replaceState(null, "", `#${job.id}`);
 }
 
-const HANDLERS = { token: onToken, step: onStep, quick_check: onQuickCheck, final: onFinal, done: onDone };
+const HANDLERS = {
+  token: onToken, step: onStep, quick_check: onQuickCheck, checkpoint: onCheckpoint, final: onFinal, done: onDone,
+};
 
 function follow(job) {
   resetView(job);
@@ -411,6 +426,10 @@ function readForm() {
   const temperature = $("temperature").value.trim();
   if (temperature !== "") body.temperature = Number.parseFloat(temperature);
   body.layout = $("layout").value;
+  if (body.layout === "plain") body.workers = 1;
+  if ($("instructions").value) body.instructions = $("instructions").value;
+  const checkpoints = $("checkpoints-input").value.trim();
+  if (checkpoints) body.checkpoints = checkpoints.split(/[\s,]+/).map((x) => Number.parseInt(x, 10));
   return body;
 }
 
