@@ -151,14 +151,15 @@ def _report(
     summary = report.summarize(records, systems, budgets)
     doc = {**extra, "systems": summary}
     (out_dir / SUMMARY).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    model = (extra.get("config") or {}).get("model")
-    console.print(
-        report.table(summary, title=f"accuracy, {len(set(r['problem_id'] for r in records))} problems")
-    )
+    config = extra.get("config") or {}
+    files = ", ".join(Path(d).name for d in config.get("data") or [])
+    problems = len({r["problem_id"] for r in records})
+    title = f"{config.get('model') or 'results'}: {files + ', ' if files else ''}{problems} problems"
+    console.print(report.table(summary, title=title))
     written = [out_dir / RESULTS, out_dir / SUMMARY]
     if plots:
         try:
-            written += report.plot(summary, out_dir, title=f"{model or ''} ({extra.get('data', '')})".strip())
+            written += report.plot(summary, out_dir, title=title)
         except report.PlotsUnavailable as exc:
             console.print(Text(str(exc), style="yellow"))
     console.print(Text("wrote " + ", ".join(str(p) for p in written), style="dim"))
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         auto_refresh=False,
     )
     task = progress_bar.add_task("eval", total=None)
-    live_table: list[Any] = [Text("")]
+    live_table: list[Any] = [Text(""), Text("")]  # the running accuracy, the table so far
 
     def render() -> Group:
         return Group(progress_bar, *live_table)
@@ -272,10 +273,10 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         current = {(r["problem_id"], r["system"], r["budget"]): r for r in [*previous, *state.records]}
         summary = report.summarize(current.values(), names, budgets)
         done = state.units_done + state.skipped_units
-        desc = f"{done}/{state.units_total + state.skipped_units} problems x systems"
+        progress_bar.update(task, description=f"{done}/{state.units_total + state.skipped_units} units")
         line = report.running_line(summary)
-        progress_bar.update(task, description=desc + (f"  {line}" if line else ""))
-        live_table[0] = report.table(summary)
+        live_table[0] = Text(f"accuracy at {budgets[-1]} tokens so far: {line}" if line else "", style="cyan")
+        live_table[1] = report.table(summary)
         if live is not None:
             live.update(render(), refresh=True)
 
@@ -346,8 +347,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     _report(out_dir, records, names, budgets, {"config": config, "run": run_info}, console, not args.no_plots)
     console.print(
         Text(
-            f"{state.jobs_done} jobs in {wall:.1f} s ({run_info['jobs_per_s']} jobs/s, "
-            f"{run_info['tokens_per_s']} generated tokens/s)",
+            f"{state.jobs_done} jobs in {wall:.1f} s ({state.jobs_done / max(wall, 1e-9):.3f} jobs/s, "
+            f"{state.completion_tokens / max(wall, 1e-9):.1f} generated tokens/s)",
             style="dim",
         )
     )

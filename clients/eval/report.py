@@ -126,6 +126,7 @@ def plot(summary: dict[str, dict[str, Any]], out_dir: Path, title: str = "") -> 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as exc:
         raise PlotsUnavailable(
             "plots need matplotlib: pip install 'hogwild-server[eval]' (or matplotlib); "
@@ -142,13 +143,18 @@ def plot(summary: dict[str, dict[str, Any]], out_dir: Path, title: str = "") -> 
     ):
         fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
         drawn = 0
-        for name, s in summary.items():
+        ticks: set[int] = set()
+        for i, (name, s) in enumerate(summary.items()):
+            # Systems share the budgets: a small sideways dodge keeps their interval bars apart.
+            dodge = 2 ** (0.025 * (i - (len(summary) - 1) / 2)) if x_key == "budget" else 1.0
             xs, ys, lo, hi = [], [], [], []
             for b, c in sorted(s["budgets"].items(), key=lambda kv: int(kv[0])):
                 x = int(b) if x_key == "budget" else c["mean_tokens"]
                 if c["accuracy"] is None or x is None:
                     continue
-                xs.append(x)
+                if x_key == "budget":
+                    ticks.add(int(b))
+                xs.append(x * dodge)
                 ys.append(100 * c["accuracy"])
                 lo.append(100 * (c["accuracy"] - c["ci95"][0]))
                 hi.append(100 * (c["ci95"][1] - c["accuracy"]))
@@ -158,6 +164,11 @@ def plot(summary: dict[str, dict[str, Any]], out_dir: Path, title: str = "") -> 
             drawn += 1
         if drawn:
             ax.set_xscale("log", base=2)
+            if ticks:
+                ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+                ax.minorticks_off()
+            else:
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.legend(fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%), 95% Wilson interval")
