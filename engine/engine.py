@@ -298,6 +298,7 @@ class Engine:
             self.encode,
             self.eos_ids,
             self.device,
+            self.brackets,
         )
         if job.id in self.jobs:
             raise InvalidRequest("id", f"job id {job.id!r} is already in use")
@@ -386,8 +387,9 @@ class Engine:
                     groups[-1] = (slice(groups[-1][0].start, i + 1), params, generator)
                 else:
                     groups.append((slice(i, i + 1), params, generator))
-                if job.guarded(key):
-                    row_bans.append((i, self.brackets))
+                banned = job.row_bans(key)
+                if banned:
+                    row_bans.append((i, banned))
             spans.append(slice(start, start + len(keys)))
             start += len(keys)
         record = any(job.options.trace for job, _ in scheduled)

@@ -114,8 +114,11 @@ class Job:
         encode: Any,
         eos_ids: set[int],
         device: torch.device,
+        brackets: tuple[int, ...] = (),
     ):
+        """``brackets``: the ids that open a ``[``, banned after a forged header's name."""
         self.id = job_id
+        self.brackets = brackets
         self.options = options
         self.layout = Layout(options.layout, options.workers)
         self.tokenizer, self.encode, self.eos_ids = tokenizer, encode, eos_ids
@@ -262,11 +265,12 @@ class Job:
             return replace(self.options.sampling, temperature=0.0), None
         return self.options.sampling, self.generator
 
-    def guarded(self, key: int) -> bool:
-        """Whether the row's next token must not open a bracket: its text ends like a forged header."""
-        if key < 0 or self.guard is None:
-            return False
-        return self.guard.search(self.workers[key].step_text[-40:]) is not None
+    def row_bans(self, key: int) -> tuple[int, ...]:
+        """What the row may not sample on top of the job's suppressed ids: a bracket, when its text ends
+        like a forged step header."""
+        if key < 0 or self.guard is None or not self.options.sampling.suppress:
+            return ()
+        return self.brackets if self.guard.search(self.workers[key].step_text[-40:]) else ()
 
     def begin_decode(self) -> list[Event]:
         """After prefill: every worker's first input is its opener (a plain sequence's: the prompt's
@@ -305,10 +309,17 @@ class Job:
     def record(self, rows: list[tuple[int, Row]]) -> TraceStep | None:
         if not self.options.trace:
             return None
+        suppress = self.options.sampling.suppress
         step = TraceStep(
             [
-                TraceRow(worker, row.block.name, list(row.tokens), [(b.name, len(b)) for b in row.view])
-                for worker, row in rows
+                TraceRow(
+                    key,
+                    row.block.name,
+                    list(row.tokens),
+                    [(b.name, len(b)) for b in row.view],
+                    banned=tuple(sorted({*suppress, *self.row_bans(key)})) if row.want_logits else (),
+                )
+                for key, row in rows
             ]
         )
         self.trace.append(step)

@@ -27,6 +27,7 @@ class TraceRow:
     logits: torch.Tensor | None = None  # [vocab] at the last input token, for worker rows
     next_token: int | None = None  # the token sampled from ``logits``; None if nothing was sampled
     uniform: float | None = None  # the uniform in [0, 1) the token was drawn with; None when greedy
+    banned: tuple[int, ...] = ()  # ids the row could not sample: the job's suppressed ones and the guard's
 
 
 @dataclass
