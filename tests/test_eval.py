@@ -421,6 +421,7 @@ def test_wilson_interval() -> None:
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
     lo, hi = report.wilson(5, 10) or (None, None)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert report.wilson(10, 10) == (pytest.approx(0.7225, abs=1e-4), 1.0)
     assert report.wilson(0, 0) is None
 
 

@@ -22,7 +22,10 @@ def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0/n and n/n the bound is exactly 0 (or 1); rounding would leave it a hair inside.
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return low, high
 
 
 def _mean(values: Iterable[float | int | None]) -> float | None:
@@ -156,8 +159,8 @@ def plot(summary: dict[str, dict[str, Any]], out_dir: Path, title: str = "") -> 
                     ticks.add(int(b))
                 xs.append(x * dodge)
                 ys.append(100 * c["accuracy"])
-                lo.append(100 * (c["accuracy"] - c["ci95"][0]))
-                hi.append(100 * (c["ci95"][1] - c["accuracy"]))
+                lo.append(max(0.0, 100 * (c["accuracy"] - c["ci95"][0])))
+                hi.append(max(0.0, 100 * (c["ci95"][1] - c["accuracy"])))
             if not xs:
                 continue
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
