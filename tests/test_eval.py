@@ -230,6 +230,7 @@ def test_system_names_and_selection() -> None:
     ]
     hw = parse_system("hogwild-w3-contiguous-short")
     assert (hw.kind, hw.workers, hw.layout, hw.instructions) == ("hogwild", 3, "contiguous", "short")
+    assert parse_system("hogwild-w2-combined-my-preset").instructions == "my-preset"
     for bad in ("hogwild-w2-diagonal-full", "sc-w0", "beam"):
         with pytest.raises(ValueError):
             parse_system(bad)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LAYOUTS = ("combined", "interleaved", "contiguous")
-_HOGWILD = re.compile(r"^hogwild-w(\d+)-([a-z]+)-([A-Za-z0-9_.]+)$")
+_HOGWILD = re.compile(r"^hogwild-w(\d+)-([a-z]+)-([A-Za-z0-9_.-]+)$")
 _SC = re.compile(r"^sc-w(\d+)$")
 
 
