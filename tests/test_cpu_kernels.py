@@ -4,6 +4,10 @@ Skipped on CPUs without AVX512-BF16, where the engine does not use them."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -100,3 +104,17 @@ def test_bfloat16_engine_uses_the_linear_kernel_and_agrees_with_torch(tok: Any) 
         job = eng.generate("Add 2 and 3.", workers=2, max_tokens=12, finisher=False)
         texts.append(job.transcript)
     assert texts[0] == texts[1]
+
+
+def test_a_build_killed_half_way_does_not_block_the_next_start(tmp_path: Any) -> None:
+    """torch's build lock is a plain file: a process killed while building left it behind, and every later
+    start then waited on it forever."""
+    from engine.loader import cache_dir
+
+    build = f"kernels/torch-{torch.__version__}"
+    shutil.copytree(cache_dir() / build, tmp_path / build)  # built already: loading is all that is left
+    (tmp_path / build / "lock").touch()
+    code = "from engine.layers.cpu_kernels import load_cpu_kernels; print(load_cpu_kernels())"
+    env = os.environ | {"HOGWILD_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]

@@ -11,6 +11,7 @@ plain torch paths.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from functools import cache
@@ -59,14 +60,20 @@ def load_cpu_kernels() -> bool:
     log.info("loading the CPU kernels (compiled once into %s)", build)
     try:
         build.mkdir(parents=True, exist_ok=True)
-        load(
-            name="hogwild_cpu",
-            sources=[str(Path(__file__).parent / "csrc" / name) for name in SOURCES],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-lmvec"],
-            build_directory=str(build),
-            is_python_module=False,
-        )
+        # torch's own lock is a file that a build killed half-way leaves behind, and then every later
+        # start waits on it forever. An flock dies with its process: holding it, no build of ours is
+        # running, so torch's file can only be stale.
+        with open(build / "hogwild.lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build / "lock").unlink(missing_ok=True)
+            load(
+                name="hogwild_cpu",
+                sources=[str(Path(__file__).parent / "csrc" / name) for name in SOURCES],
+                extra_cflags=FLAGS,
+                extra_ldflags=["-lmvec"],
+                build_directory=str(build),
+                is_python_module=False,
+            )
     except Exception as e:  # no compiler, no ninja, a read-only cache: the torch paths still work
         errors = [line for line in str(e).splitlines() if "error" in line.lower()][:3]
         log.warning("CPU kernels unavailable, using the torch paths: %s", " | ".join(errors) or e)
