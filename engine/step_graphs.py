@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs (DESIGN.md section 7).
+"""Decode steps replayed from CUDA graphs (docs/ARCHITECTURE.md, "CUDA graphs").
 
 A decode step of a few rows launches about fifteen kernels per layer, each too short to hide its launch;
 replaying a captured CUDA graph launches them all at once. A graph fixes every shape and address, so a step

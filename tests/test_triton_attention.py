@@ -1,4 +1,4 @@
-"""The Triton kernel against the reference attention (DESIGN.md section 7).
+"""The Triton kernel against the reference attention (docs/ARCHITECTURE.md, "Attention").
 
 The kernels run under Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, which tests/conftest.py sets
 before triton is first imported); with ``TRITON_INTERPRET=0`` on a CUDA machine the same tests run the

@@ -3,7 +3,7 @@
 A row is one writer in one forward pass (a worker, or a prefill chunk). Its view is a list of blocks; keys
 are stored rotated by their block-local position, the row's queries are rotated by their view position.
 Attending to block b, which starts at offset o_b of the view, needs the relative rotation
-``(R(p) q) . (R(o_b) k~)`` (DESIGN.md section 3).
+``(R(p) q) . (R(o_b) k~)`` (docs/ARCHITECTURE.md, "Attention").
 
 Four implementations share one interface (``plan`` once per step, ``__call__`` once per layer):
 - ``ReferenceAttention`` walks rows and blocks in Python, rotating the query per block. Obviously right;

@@ -1,9 +1,9 @@
-"""Hogwild attention as a Triton kernel over the paged pool (DESIGN.md sections 3 and 7).
+"""Hogwild attention as a Triton kernel over the paged pool (docs/ARCHITECTURE.md, "Attention").
 
 Tiles, pieces and items are those of the step's plan (engine/layers/kernel_plan.py). One program takes one
 item and one KV head: it stacks the tile's queries of that head's GQA group into one [tokens * group, d]
 matrix (split over programs past 64 rows) and, piece by piece, rotates each query by minus the block's
-offset in its own view, in registers (DESIGN.md section 3), and runs an online softmax over the piece's
+offset in its own view, in registers, and runs an online softmax over the piece's
 keys, so each key is read once for the whole tile. The partial result (running max, sum, unnormalized
 output) goes to a scratch buffer, and a second kernel merges each token's partials by log-sum-exp.
 
