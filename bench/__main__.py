@@ -1,5 +1,6 @@
-"""``python -m bench {engine,jobs,prefill,attention,serve,kernels} [...]``: each prints a table, writes JSON
-under bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a subcommand lists its flags."""
+"""``python -m bench {engine,jobs,prefill,attention,serve,kernels,oracle} [...]``: each prints a table,
+writes JSON under bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a subcommand lists
+its flags."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import argparse
 import sys
 from types import ModuleType
 
-from bench import attention_bench, engine_bench, jobs_bench, kernels_bench, prefill_bench, serve_bench
+from bench import (
+    attention_bench,
+    engine_bench,
+    jobs_bench,
+    kernels_bench,
+    oracle_bench,
+    prefill_bench,
+    serve_bench,
+)
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "engine": (engine_bench, "Hogwild decode vs transformers generate and vs independent jobs"),
@@ -18,6 +27,10 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "kernels": (
         kernels_bench,
         "the Triton kernels compiled for sm_80/sm_90 on any machine: registers, spills",
+    ),
+    "oracle": (
+        oracle_bench,
+        "the engine against the float64 oracle per family, layout, workers, dtype, backend; wrong variants",
     ),
 }
 

@@ -134,7 +134,8 @@ def bench_generate(hf_model: Any, ids: list[int], tokens: int) -> Run:
 
 def submit(eng: Any, prompt: str, workers: int, tokens: int, checkpoints: list[int] | None = None) -> Any:
     """The short instructions keep a context's length what it says (the full preset adds about 750
-    tokens of examples, the same for every context); the format guards stay on."""
+    tokens of examples, the same for every context), and one worker gets none, as transformers'
+    generate does; the format guards stay on."""
     bias = {t: -100.0 for t in eng.eos_ids}  # as min_new_tokens does for generate
     return eng.submit(
         prompt,
@@ -144,7 +145,7 @@ def submit(eng: Any, prompt: str, workers: int, tokens: int, checkpoints: list[i
         finisher=False,
         quick_check_every=0,
         logit_bias=bias,
-        instructions="short",
+        instructions="short" if workers > 1 else "none",
         checkpoints=checkpoints,
     )
 

@@ -78,6 +78,14 @@ class Layout:
         own = [("own_header", OWN_HEADER)] if self.name != "interleaved" else []
         return head + cuts + own
 
+    def prefill_view(self, name: str) -> list[str]:
+        """The view a static block is computed in, once: after the prompt and the others' header, where
+        each of them is read (so a one-worker view is exactly one sequence)."""
+        if name == "common":
+            return ["common"]
+        head = [] if self.name in ("contiguous", "plain") or name == "others_header" else ["others_header"]
+        return ["common", *head, name]
+
     def _others(self, blocks: list[str]) -> list[str]:
         """Other workers' texts one after another, each but the last ended by its own cut mark."""
         out: list[str] = []

@@ -134,7 +134,7 @@ def test_a_placeholder_never_ends_a_job_and_a_box_counts_at_the_end_of_its_step(
         eng.step()
     eng.step()  # the opener
     script.write(0, "I write \\boxed{answer} as asked.\n\nNow \\boxed{5} is it, I think")
-    seen = []
+    seen: list[str] = []
     while not job.ended and len(seen) < 60:
         eng.step()
         seen.append(job.workers[0].text)
@@ -189,6 +189,8 @@ def test_checkpoints_leave_the_workers_untouched_and_give_their_pages_back(eng: 
     assert [c["budget"] for c in checked.checkpoints] == [4, 8, 16, 24]
     assert all(c["tokens"] >= 3 * c["budget"] for c in checked.checkpoints[:3])
     assert checked.usage["checkpoint_tokens"] > 0 and plain.usage["checkpoint_tokens"] == 0
+    assert checked.usage["completion_tokens"] == plain.usage["completion_tokens"]
+    assert checked.checkpoints[-1]["tokens"] == 3 * 24  # the workers' tokens, not the finisher's
     assert checked.checkpoints[-1]["answer"] == checked.answer  # the last budget is the job's end
     assert pool_is_whole(eng)
 
@@ -215,9 +217,12 @@ def test_the_plain_layout_is_one_ordinary_sequence(tok: Any) -> None:
     job = eng.generate("Add 2 and 3.", workers=1, layout="plain", max_tokens=6, finisher=False)
     ids = torch.tensor([job.prompt_ids])
     with torch.no_grad():
-        expected = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        expected = model.generate(  # type: ignore[operator]
+            ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
     assert job.workers[0].detok.tokens == expected[0, ids.shape[1] :].tolist()
     assert "**Alice" not in job.workers[0].text
+    assert job.usage["forced_tokens"] == 0 and job.usage["completion_tokens"] == 6
     with pytest.raises(Exception, match="workers must be 1"):
         eng.submit("q", workers=2, layout="plain")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import Engine, InvalidRequest, PromptTooLong, UnsupportedModelError
-from engine.collab import AnswerRule, ends_step, find_boxed
+from engine.collab import ends_step, find_boxed
 from engine.model_runner import Staging
 from engine.sampling import SamplingParams, draw
 from tests.models import tiny_model
@@ -53,7 +53,9 @@ def test_pool_is_full_again_after_finished_and_cancelled_jobs(tok: Any) -> None:
 
 
 def test_job_that_cannot_get_pages_waits_instead_of_failing_a_running_one(tok: Any) -> None:
-    eng = make_engine(tok, num_pages=260)
+    eng = make_engine(tok)
+    pages = eng.submit("a", workers=2, max_tokens=40).pages_needed(eng.pool)
+    eng = make_engine(tok, num_pages=pages + pages // 2)  # one job fits, two do not
     first = eng.submit("a", workers=2, max_tokens=40)
     eng.step()
     second = eng.submit("b", workers=2, max_tokens=40)
@@ -99,12 +101,16 @@ def test_concurrent_jobs_match_each_job_alone(tok: Any, sampled: bool) -> None:
 def _alter_bob_and_watch_alice(tok: Any, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Two identical jobs; in the second, Bob's next token is swapped. Alice's logits in that step."""
     eng = make_engine(tok, wired=False)
-    jobs = [eng.submit("same", workers=2, layout=layout, max_tokens=20, trace=True) for _ in range(2)]
+    # No instructions: both prompts are prefilled in the same step, so the jobs stay in step.
+    kw: dict[str, Any] = dict(workers=2, layout=layout, max_tokens=20, trace=True, instructions="none")
+    jobs = [eng.submit("same", **kw) for _ in range(2)]
+    assert jobs[0].workers[1].generated == jobs[1].workers[1].generated
     while jobs[0].workers[1].generated < 3:
         eng.step()
     bob = jobs[1].workers[1]
     assert not bob.rollover_after and len(bob.pending) == 1
     bob.pending = [(bob.pending[0] + 7) % 1000]
+    assert jobs[0].workers[0].detok.tokens == jobs[1].workers[0].detok.tokens
     eng.step()
     a, b = jobs[0].trace[-1].rows[0].logits, jobs[1].trace[-1].rows[0].logits
     assert a is not None and b is not None
@@ -127,7 +133,7 @@ def test_one_worker_contiguous_equals_generate(tok: Any) -> None:
     job = eng.generate("Tell me a story.", workers=1, layout="contiguous", max_tokens=30, finisher=False)
     worker = job.workers[0]
     view = job.view(0)
-    assert [name for name, _ in view] == ["common", "split_marker", "out:Alice"]
+    assert [name for name, _ in view] == ["common", "own_header", "out:Alice"]
     opener_len = len(worker.detok.tokens) - worker.generated
     prefix = view[0][1] + view[1][1] + worker.detok.tokens[:opener_len]
     out = model.generate(  # type: ignore[operator]

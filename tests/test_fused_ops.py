@@ -217,11 +217,12 @@ def decode_step_ops(
 ) -> Counter[str]:
     """The torch ops of one decode forward of a 2-worker Qwen3-style job (q/k norms) on ``layers`` layers."""
     model = random_model("qwen3-qknorm", len(tok), num_hidden_layers=layers)
-    options = {"page_size": 4, "num_pages": 256, "cuda_graphs": False}  # graphs replay without dispatching
+    options = {"page_size": 4, "num_pages": 1024, "cuda_graphs": False}  # graphs replay without dispatching
     eng = Engine.from_hf(model, tok, device=device, attention=attention, fused_ops=fused_ops, **options)
-    eng.submit("Add 2 and 3.", workers=2, max_tokens=32, finisher=False)
-    for _ in range(6):  # past the prefill and the header steps
+    job = eng.submit("Add 2 and 3.", workers=2, max_tokens=32, finisher=False, instructions="none")
+    while job.status != "running":  # past the prefill and the static header blocks
         eng.step()
+    eng.step()  # the openers
     forward, counted = eng.runner.forward, CountOps()
 
     def counting(batch: Any) -> torch.Tensor:

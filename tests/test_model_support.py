@@ -24,8 +24,11 @@ def flat_logits_match(model: Any, tok: Any, **options: Any) -> int:
     )
     sequence: list[int] = []
     compared = 0
+    seen = job.view_names(0)  # static blocks outside the worker's view (cut marks) are not its text
     for step in job.trace:
         for row in step.rows:
+            if row.block not in seen:
+                continue
             sequence += row.tokens
             if row.logits is None:
                 continue

@@ -8,6 +8,8 @@ must equal a flat forward with a block mask: this is what checks non-trivial re-
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +20,21 @@ from transformers import (
 )
 
 from engine.trace import Rollover, TraceRow, TraceStep
-from tests.models import FAMILIES, random_model
-from tests.reference_hogwild import HogwildReferenceCache, replay
+from tests.models import ALL_FAMILIES, random_model
+from tests.reference_hogwild import (
+    WRONG_VARIANTS,
+    HogwildReferenceCache,
+    Variant,
+    float64_copy,
+    float64_math,
+    redraw,
+    replay,
+    rotary_of,
+)
 
 VOCAB = 128
 TOL = 1e-4
+TOL64 = 1e-9  # float64 replays against float64 flat forwards: the same math, rounded at 1e-16
 
 _SMALL: dict[str, Any] = dict(
     max_position_embeddings=256,
@@ -30,10 +42,16 @@ _SMALL: dict[str, Any] = dict(
 )
 
 
-def make_model(family: str = "llama-gqa4", attn: str = "eager", seed: int = 0) -> PreTrainedModel:
+def make_model(
+    family: str = "llama-gqa4", attn: str = "eager", seed: int = 0, dtype: str = "float32"
+) -> PreTrainedModel:
     model = random_model(family, VOCAB, seed, **_SMALL)
     model.set_attn_implementation(attn)
-    return model
+    return float64_copy(model) if dtype == "float64" else model
+
+
+def tol(model: PreTrainedModel) -> float:
+    return TOL64 if model.dtype == torch.float64 else TOL
 
 
 def rand_tokens(n: int, seed: int) -> list[int]:
@@ -45,13 +63,17 @@ def rand_tokens(n: int, seed: int) -> list[int]:
 def flat_logits(
     model: PreTrainedModel, tokens: list[int], allowed: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits [len, vocab] of one flat sequence, optionally with a custom [len, len] boolean mask."""
+    """Logits [len, vocab] of one flat sequence, optionally with a custom [len, len] boolean mask; a
+    float64 model runs with the reference's float64 RoPE and norms (as ``replay`` runs it)."""
     ids = torch.tensor([tokens])
-    if allowed is None:
-        return model(input_ids=ids, use_cache=False).logits[0].float()
-    mask = torch.zeros((1, 1, len(tokens), len(tokens)), dtype=model.dtype)
-    mask.masked_fill_(~allowed[None, None], torch.finfo(model.dtype).min)
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+    exact = model.dtype == torch.float64
+    out = torch.float64 if exact else torch.float32
+    with float64_math(model, rotary_of(model)) if exact else contextlib.nullcontext():
+        if allowed is None:
+            return model(input_ids=ids, use_cache=False).logits[0].to(out)
+        mask = torch.zeros((1, 1, len(tokens), len(tokens)), dtype=model.dtype)
+        mask.masked_fill_(~allowed[None, None], torch.finfo(model.dtype).min)
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].to(out)
 
 
 class TraceBuilder:
@@ -110,10 +132,11 @@ def test_single_block_equals_flat(attn: str) -> None:
         assert max_diff(logits, ref[i]) <= TOL
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_rollover_equals_flat(family: str) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("family", list(ALL_FAMILIES))
+def test_rollover_equals_flat(family: str, dtype: str) -> None:
     """A worker's steps rolled into common, chunked prefill, multi-token rows: one flat sequence."""
-    model = make_model(family)
+    model = make_model(family, dtype=dtype)
     toks = rand_tokens(26, seed=2)
     seq: list[int] = []
     checks: list[tuple[int, int]] = []  # (step index, flat index of the row's last token)
@@ -150,7 +173,7 @@ def test_rollover_equals_flat(family: str) -> None:
     res = replay(model, tb.steps)
     ref = flat_logits(model, seq)
     for s, i in checks:
-        assert max_diff(res[s][0], ref[i]) <= TOL, (family, s, i)
+        assert max_diff(res[s][0], ref[i]) <= tol(model), (family, s, i)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -182,15 +205,17 @@ def test_two_workers_sees_other_block(attn: str) -> None:
     assert max(max_diff(res2[s][0], res[s][0]) for s in a_steps) > 1e-2  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_nontrivial_rerotation_and_rollover(family: str) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("family", list(ALL_FAMILIES))
+def test_nontrivial_rerotation_and_rollover(family: str, dtype: str) -> None:
     """B computed on its own (view [step:B]) at 0.., then read by A at offset 8 and rolled into common.
 
     B's K/V are shift-equivariant, so A must equal flat(common + B + A) where B does not see common. An
     independent worker D shares the steps (rows of different lengths: padding). A's own step is rolled over
     too, and A goes on after both rollovers.
     """
-    model = make_model(family)
+    model = make_model(family, dtype=dtype)
+    eps = tol(model)
     common, b_toks, a_toks, d_toks = (
         rand_tokens(8, 7),
         rand_tokens(5, 8),
@@ -214,15 +239,15 @@ def test_nontrivial_rerotation_and_rollover(family: str) -> None:
     res = replay(model, tb.steps)
 
     ref_b = flat_logits(model, b_toks)
-    assert max_diff(res[b_steps[0]][0], ref_b[2]) <= TOL
+    assert max_diff(res[b_steps[0]][0], ref_b[2]) <= eps
     for k, s in enumerate(b_steps[1:]):
-        assert max_diff(res[s][0], ref_b[3 + k]) <= TOL
+        assert max_diff(res[s][0], ref_b[3 + k]) <= eps
 
     ref_d = flat_logits(model, d_toks)
     n = 0
     for s, d in zip(a_steps, d_chunks, strict=True):
         n += len(d)
-        assert max_diff(res[s][0], ref_d[n - 1]) <= TOL
+        assert max_diff(res[s][0], ref_d[n - 1]) <= eps
 
     seq = common + b_toks + a_toks
     allowed = torch.ones(len(seq), len(seq)).tril().bool()
@@ -231,7 +256,7 @@ def test_nontrivial_rerotation_and_rollover(family: str) -> None:
     n = 13
     for s, a in zip(a_steps, a_chunks, strict=True):
         n += len(a)
-        assert max_diff(res[s][1], ref_a[n - 1]) <= TOL, (family, s)
+        assert max_diff(res[s][1], ref_a[n - 1]) <= eps, (family, s)
 
 
 def test_rerotation_is_what_the_test_detects(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,3 +348,138 @@ def test_rejects_dynamic_rope() -> None:
         replay(
             model, [TraceStep(rows=[TraceRow(worker=-1, block="common", tokens=[1], view=[("common", 1)])])]
         )
+
+
+# ---- float64 ----------------------------------------------------------------------------------------------
+
+
+def test_float64_copy_and_its_math() -> None:
+    """The oracle is a float64 copy (the model itself untouched) whose RoPE and norms run in float64 during a
+    replay only: transformers' own float64 forward takes both in float32, 1e-8..1e-6 away."""
+    model = make_model("qwen3-qknorm")  # q/k norms too
+    exact = float64_copy(model)
+    assert model.dtype == torch.float32 and exact.dtype == torch.float64
+    assert exact.config._attn_implementation == "sdpa"
+    toks = rand_tokens(40, seed=31)
+    tb = TraceBuilder()
+    tb.step([(-1, "common", toks[:30], ["common"])])
+    steps = [tb.step([(0, "step:A", [t], ["common", "step:A"])]) for t in toks[30:]]
+    res = replay(exact, tb.steps)
+    assert all(
+        type(m).forward is m.forward.__func__ for m in exact.modules() if hasattr(m.forward, "__func__")
+    )
+    ours = flat_logits(exact, toks)
+    theirs = exact(input_ids=torch.tensor([toks]), use_cache=False).logits[0]
+    for k, s in enumerate(steps):
+        logits = res[s][0]
+        assert logits is not None and logits.dtype == torch.float64
+        assert max_diff(logits, ours[30 + k]) <= TOL64
+    assert 1e-9 < max_diff(theirs[-1], ours[-1]) < 1e-4
+    assert max_diff(replay(model, tb.steps)[steps[-1]][0], ours[-1]) < TOL  # float32 agrees to its own error
+
+
+# ---- wrong variants -------------------------------------------------------------------------------------
+
+
+def _two_writers() -> tuple[TraceBuilder, int]:
+    """B writes a step on its own, then A (reading B) and D (reading only itself) step together with B."""
+    common, b_toks, a_toks, d_toks = (
+        rand_tokens(8, 41),
+        rand_tokens(5, 42),
+        rand_tokens(3, 43),
+        rand_tokens(4, 44),
+    )
+    tb = TraceBuilder()
+    tb.step([(-1, "common", common, ["common"])])
+    tb.step([(1, "step:B", b_toks[:3], ["common", "step:B"])])
+    s = tb.step(
+        [
+            (1, "step:B", b_toks[3:], ["common", "step:B"]),
+            (0, "step:A", a_toks, ["common", "step:B", "step:A"]),
+            (3, "step:D", d_toks, ["step:D"]),
+        ]
+    )
+    return tb, s
+
+
+def test_variants_change_only_what_they_break() -> None:
+    """Each wrong variant moves the rows it should and no other: hiding same-step tokens changes only the
+    row that reads another's block; block-local keys change only rows whose blocks sit past offset 0;
+    applying YaRN's factor twice changes nothing without YaRN."""
+    model = make_model("llama-gqa4")
+    tb, s = _two_writers()
+    right = replay(model, tb.steps)[s]
+    hidden = replay(model, tb.steps, WRONG_VARIANTS["no same-step visibility"])[s]
+    local = replay(model, tb.steps, WRONG_VARIANTS["keys at block-local positions"])[s]
+    yarn_twice = replay(model, tb.steps, WRONG_VARIANTS["yarn factor applied twice"])[s]
+    b, a, d = 0, 1, 2
+    assert max_diff(hidden[b], right[b]) == 0 and max_diff(hidden[d], right[d]) == 0  # type: ignore[arg-type]
+    assert max_diff(hidden[a], right[a]) > 1e-3  # type: ignore[arg-type]
+    assert max_diff(local[d], right[d]) == 0  # type: ignore[arg-type]
+    assert min(max_diff(local[r], right[r]) for r in (a, b)) > 1e-3  # type: ignore[arg-type]
+    assert all(max_diff(yarn_twice[r], right[r]) == 0 for r in (a, b, d))  # type: ignore[arg-type]
+
+    yarn = make_model("yarn-rope")
+    right = replay(yarn, tb.steps)[s]
+    twice = replay(yarn, tb.steps, Variant(yarn_twice=True))[s]
+    assert min(max_diff(twice[r], right[r]) for r in (a, b, d)) > 1e-3  # type: ignore[arg-type]
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+
+
+def _kept(probs: list[float], top_k: int, top_p: float) -> set[int]:
+    """Top-k then top-p written out with a loop: the k largest (ties at the k-th kept), then the largest
+    ones until their mass reaches top_p."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    if top_k:
+        kth = probs[order[top_k - 1]]
+        order = [i for i in order if probs[i] >= kth]
+    total = sum(probs[i] for i in order)
+    kept, mass = set(), 0.0
+    for i in order:
+        if mass >= top_p * total:
+            break
+        kept.add(i)
+        mass += probs[i]
+    return kept
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 4, 0.8)]
+)
+def test_redraw_draws_each_token_with_its_probability(temperature: float, top_k: int, top_p: float) -> None:
+    """Over an even grid of uniforms every kept token is drawn in proportion to its filtered probability,
+    no other token ever; bans and biases apply before the filters."""
+    gen = torch.Generator().manual_seed(int(temperature * 10) + top_k)
+    logits = torch.randn(12, generator=gen, dtype=torch.float64) * 2
+    bias, banned = ((3, 1.5),), (int(logits.argmax()),)
+    z = logits.clone()
+    z[3] += 1.5
+    z[banned[0]] = -math.inf
+    probs = torch.softmax(z / temperature, dim=-1).tolist()
+    kept = _kept(probs, top_k, top_p)
+    total = sum(probs[i] for i in kept)
+    n = 1000
+    counts = [0] * 12
+    for j in range(n):
+        counts[redraw(logits, (j + 0.5) / n, temperature, top_p, top_k, bias, banned).token] += 1
+    for i in range(12):
+        expected = probs[i] / total if i in kept else 0.0
+        assert abs(counts[i] / n - expected) <= 1.5 / n, (i, counts[i] / n, expected)
+
+
+def test_redraw_flags_draws_near_a_boundary() -> None:
+    """A uniform on an interval end is near a boundary; one in the middle of a wide interval is not, until
+    the logit error is large enough to move that end."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    probs = torch.softmax(logits, dim=-1)
+    first_end = float(probs[0])
+    on_edge = redraw(logits, first_end, 1.0, logit_error=1e-6)
+    assert on_edge.near_boundary and on_edge.edge < 1e-12
+    middle = redraw(logits, first_end / 2, 1.0, logit_error=1e-6)
+    assert middle.token == 0 and not middle.near_boundary
+    assert redraw(logits, first_end / 2, 1.0, logit_error=1.0).near_boundary
+    # The top-p cut sits exactly at a token: its membership is uncertain, and so is every interval end.
+    cut = float(probs[:2].sum())
+    assert redraw(logits, first_end / 2, 1.0, top_p=cut, logit_error=1e-6).slack > float(probs[2]) / 2

@@ -99,7 +99,7 @@ def test_a_job_streams_events_that_rebuild_its_state(http: httpx.Client) -> None
             assert d["index"] == counts[d["worker"]]  # per-worker token index without gaps
             counts[d["worker"]] += 1
             texts[d["worker"]] += d["text"]
-            assert set(d) == {"worker", "text", "token_id", "index", "step", "forced"}
+            assert set(d) == {"worker", "text", "token_id", "index", "step", "forced", "finisher"}
     assert texts == [w["text"] for w in final["workers"]]
     assert counts == [w["tokens"] for w in final["workers"]]
     steps = [e["data"] for e in events if e["event"] == "step"]
