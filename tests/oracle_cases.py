@@ -27,7 +27,8 @@ token must be the oracle's own draw at the trace's uniform (``redraw``) unless t
 draw's slack of an interval end (``Redraw.near_boundary``), which must be rare.
 
 Views: every row's view must list the blocks in the order the layout documents (``documented_view``,
-written out here from the documentation of engine/collab.py's ``Layout``, not computed by it).
+written out here from docs/ARCHITECTURE.md, "The format", and the docstrings of engine/collab.py's
+``Layout``; not computed by it).
 """
 
 from __future__ import annotations
@@ -81,12 +82,17 @@ def _with_cuts(blocks: list[str], last_cut: bool) -> list[str]:
 def documented_view(layout: str, workers: int, key: int, block: str) -> list[str]:
     """The view of a row in the order the layout documents, ending with the row's own block.
 
-    ``key``: -1 for a prefill row (common, then the static blocks up to and including its own), a worker's
-    index, or -2 - k for the finisher writing ``finisher:k`` (it reads every worker's text, each ended by a
-    cut mark, after the others' header; a plain sequence simply goes on)."""
+    ``key``: -1 for a prefill row (the prompt alone; a static block after the prompt and the others'
+    header, where it is read), a worker's index, or -2 - k for the finisher writing ``finisher:k`` (it
+    reads every worker's text, each ended by a cut mark, after the others' header; a plain sequence simply
+    goes on)."""
     if key == -1:
-        order = ["common", *static_blocks(layout, workers)]
-        return order[: order.index(block) + 1] if block in order else ["<not a prefilled block>"]
+        if block == "common":
+            return ["common"]
+        if block not in static_blocks(layout, workers):
+            return ["<not a prefilled block>"]
+        head = [] if layout == "contiguous" or block == "others_header" else ["others_header"]
+        return ["common", *head, block]
     if key < -1:
         everyone = [own_block(layout, j) for j in range(workers)]
         if layout == "plain":

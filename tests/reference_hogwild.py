@@ -421,6 +421,10 @@ def _run_step(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
+    # Prefill rows need no logits: a step of prefill rows only keeps none (the LM head is the costliest
+    # product of a tiny model's step).
+    prefill_only = all(row.worker == -1 for row in rows)
+    keep: int | torch.Tensor = torch.zeros(0, dtype=torch.long, device=device) if prefill_only else 1
     cache.begin_step(plan, lmax)
     try:
         out = model(
@@ -429,16 +433,18 @@ def _run_step(
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
     finally:
         cache.end_step()
     for name, length in after.items():
         assert cache.block_len(name) == length, (name, cache.block_len(name), length)
+    if prefill_only:
+        return [None] * len(rows)
 
     logits = out.logits[:, -1, :]
     logits = logits.double() if dtype == torch.float64 else logits.float()
-    return [None if row.worker == -1 else logits[r].clone() for r, row in enumerate(rows)]
+    return [None if row.worker == -1 else logits[r] for r, row in enumerate(rows)]
 
 
 # ---- sampling ------------------------------------------------------------------------------------------
@@ -495,9 +501,10 @@ def redraw(
     keep = torch.ones_like(z, dtype=torch.bool)
     uncertain = torch.zeros_like(keep)  # tokens whose membership an error of ``err`` could flip
     if top_k and top_k < z.numel():
-        kth = torch.topk(z, top_k).values[-1]
+        kth, next_one = torch.topk(z, top_k + 1).values[-2:]
         keep &= z >= kth
-        uncertain |= (z - kth).abs() <= 2 * err
+        if kth - next_one <= 2 * err:  # the k-th and the next could swap: every token near them could
+            uncertain |= (z >= next_one - 2 * err) & (z <= kth + 2 * err)
     cdf_move = math.expm1(2 * err) / 4  # the largest shift of a normalized CDF value (see test_oracle)
     if top_p < 1:
         masked = z.masked_fill(~keep, -math.inf)

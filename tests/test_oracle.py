@@ -128,10 +128,18 @@ def test_bfloat16_engine_is_within_transformers_error(tok: Any, family: str) -> 
         assert result.argmax_agree + result.near_ties == result.greedy >= 40
 
 
+# Sampled jobs write varied text, so their distributions are flat: top-k keeps the kept set small enough
+# that a float32 engine's CDF ends are sure to a small fraction of an interval (over all 49k tokens at
+# temperature 1 about 5% of draws lie within the slack of an end: all still match, but not rarely).
 SAMPLED = [
-    ("llama-gqa4", "combined", 3, dict(temperature=0.8, top_k=40, top_p=0.9, seed=1)),
-    ("qwen3-qknorm", "interleaved", 2, dict(temperature=0.5, top_k=20, seed=2, logit_bias={13: 3.0})),
-    ("mistral", "contiguous", 2, dict(temperature=1.2, top_k=8, top_p=0.7, seed=3)),
+    ("llama-gqa4", "combined", 3, dict(temperature=2.0, top_k=50, seed=1)),
+    (
+        "qwen3-qknorm",
+        "interleaved",
+        2,
+        dict(temperature=3.0, top_k=20, top_p=0.9, seed=2, logit_bias={13: 2.0}),
+    ),
+    ("mistral", "contiguous", 2, dict(temperature=1.5, top_k=100, top_p=0.95, seed=3)),
 ]
 
 
@@ -140,8 +148,8 @@ def test_sampled_jobs_redraw_the_same_tokens(
     tok: Any, family: str, layout: str, workers: int, sampling: dict[str, Any]
 ) -> None:
     """Each sampled token is the oracle's own float64 draw at the trace's uniform; a draw near a CDF
-    boundary may differ, and such draws are rare. Drawing with a temperature 10% off, or one more token
-    kept by top-k, gives other tokens: the check sees a wrong sampler."""
+    boundary may differ, and such draws are rare. A sampler that is off (twice the temperature, one more
+    token kept by top-k, the CDF read from the other end) gives other tokens: the check would see it."""
     model = tiny_model(family, tok)
     oracle = Oracle(model)
     job = run_job(model, tok, "auto", workers=workers, layout=layout, **sampling)
@@ -150,26 +158,27 @@ def test_sampled_jobs_redraw_the_same_tokens(
     assert result.draws >= 8 * workers and result.draws_equal >= result.draws - result.near_boundary
     assert result.greedy >= 2  # the finisher decodes greedily
 
-    params = job.options.sampling
-    wrong: dict[str, dict[str, Any]] = {
-        "temperature": dict(temperature=params.temperature * 1.1),
-        "top_k": dict(top_k=params.top_k + 1),
+    p = job.options.sampling
+    rows = [
+        (row, ref)
+        for step, step_refs in zip(job.trace, oracle.logits(job.trace), strict=True)
+        for row, ref in zip(step.rows, step_refs, strict=True)
+        if row.uniform is not None and ref is not None
+    ]
+    wrong: dict[str, Any] = {
+        "twice the temperature": lambda ref, u, banned: redraw(
+            ref, u, 2 * p.temperature, p.top_p, p.top_k, p.logit_bias, banned
+        ),
+        "one more in top-k": lambda ref, u, banned: redraw(
+            ref, u, p.temperature, p.top_p, p.top_k + 1, p.logit_bias, banned
+        ),
+        "1 - u": lambda ref, u, banned: redraw(
+            ref, 1 - u, p.temperature, p.top_p, p.top_k, p.logit_bias, banned
+        ),
     }
-    refs = oracle.logits(job.trace)
-    for name, change in wrong.items():
-        off = dataclasses.replace(params, **change)
-        rows = [
-            (row, ref)
-            for step, step_refs in zip(job.trace, refs, strict=True)
-            for row, ref in zip(step.rows, step_refs, strict=True)
-            if row.uniform is not None and ref is not None
-        ]
-        differ = sum(
-            redraw(ref, row.uniform, off.temperature, off.top_p, off.top_k, off.logit_bias, row.banned).token
-            != row.next_token
-            for row, ref in rows
-        )
-        assert differ >= 2, f"a draw with the wrong {name} gives the same tokens"
+    for name, draw in wrong.items():
+        differ = sum(draw(ref, row.uniform, row.banned).token != row.next_token for row, ref in rows)
+        assert differ >= len(rows) // 10, f"{name}: {differ} of {len(rows)} draws differ"
 
 
 def test_wrong_variants_are_detected(tok: Any) -> None:
@@ -220,7 +229,8 @@ def test_views_are_checked_against_the_documented_order(tok: Any) -> None:
         "common", "out:Alice", "cut:1", "out:Bob", "own_header", "out:Carol",
     ]  # fmt: skip
     assert documented_view("interleaved", 3, 0, "step:Alice") == ["common", "step:Alice"]
-    assert documented_view("combined", 2, -1, "cut:2") == ["common", "others_header", "cut:1", "cut:2"]
+    assert documented_view("combined", 2, -1, "cut:2") == ["common", "others_header", "cut:2"]
+    assert documented_view("contiguous", 2, -1, "own_header") == ["common", "own_header"]
     assert documented_view("interleaved", 2, -3, "finisher:1") == [
         "common", "others_header", "step:Alice", "cut:1", "step:Bob", "cut:2", "finisher:1",
     ]  # fmt: skip

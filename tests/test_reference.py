@@ -483,3 +483,11 @@ def test_redraw_flags_draws_near_a_boundary() -> None:
     # The top-p cut sits exactly at a token: its membership is uncertain, and so is every interval end.
     cut = float(probs[:2].sum())
     assert redraw(logits, first_end / 2, 1.0, top_p=cut, logit_error=1e-6).slack > float(probs[2]) / 2
+
+
+def test_redraw_slack_counts_only_memberships_an_error_can_flip() -> None:
+    """Top-k: the k-th token's membership is certain unless the next one is within twice the error."""
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0], dtype=torch.float64)
+    assert redraw(logits, 0.1, 1.0, top_k=2, logit_error=1e-6).slack < 1e-5
+    close = torch.tensor([3.0, 2.0, 2.0 - 1e-7, 0.0, -1.0], dtype=torch.float64)
+    assert redraw(close, 0.1, 1.0, top_k=2, logit_error=1e-6).slack > 0.1
