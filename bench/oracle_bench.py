@@ -15,7 +15,8 @@ tests/oracle_cases.py says:
 Wrong variants (``WRONG_VARIANTS``): no same-step visibility, keys left at their block-local positions,
 YaRN's attention factor applied twice. Each is replayed on the traces of the first backend's combined-layout
 cases with several workers (yarn only on a YaRN model) and its error is divided by that case's tolerance:
-the margin; above 1 means detected.
+the margin; above 1 means detected. The exit status is 1 if a case fails or a float32 margin is not above
+1 (the bfloat16 margins are for information: see tests/oracle_cases.py).
 
 Nothing is timed. ``triton`` runs in Triton's interpreter on a CPU (``TRITON_INTERPRET=1``, set here when
 triton is not imported yet): minutes per case, so it is not in the default backends on a CPU.
@@ -206,7 +207,9 @@ def main(args: argparse.Namespace) -> int:
     common.log(f"wrote {path.with_suffix('.md')}")
     if args.plot:
         common.save_plot(lambda axes: plot(axes, cases), path)
-    return 0 if all(c.passed for c in cases) and all(d.margin > 1 for d in detections) else 1
+    # The float32 tolerance must catch every wrong variant; the bfloat16 margins are for information.
+    caught = all(d.margin > 1 for d in detections if d.dtype == "float32")
+    return 0 if all(c.passed for c in cases) and caught else 1
 
 
 def _key(c: Case) -> tuple[str, str, int, str]:

@@ -8,18 +8,21 @@ largest over its rows.
 
 Tolerances:
 
-* float32 engine: ``TOL_FLOAT32`` = 1e-5. float32 rounds at 2**-24 (6e-8) relative; over two layers, a 64-wide
-  hidden state and softmaxes over up to ~1400 keys the engine's error and transformers' own float32 error
-  (same trace, same measure) both stay under 2e-6 (docs/BENCHMARKS.md, "Oracle"), so 1e-5 leaves a margin
-  of 5x while the wrong variants of ``WRONG_VARIANTS`` land 1000x and more above it.
-* bfloat16 engine: ``BF16_MULTIPLE`` = 3 times transformers' own bfloat16 error on the same trace (the
+* float32 engine: ``TOL_FLOAT32`` = 1e-5. float32 rounds at 2**-24 (6e-8) relative; over two layers, a
+  64-wide hidden state and softmaxes over up to ~1400 keys the engine's error stays between 1.7e-7 and
+  1.4e-6 in the 189 float32 cases of docs/BENCHMARKS.md, "Oracle" (transformers' own float32 error on the
+  same traces is of the same size), so 1e-5 leaves 7x, while the wrong variants of ``WRONG_VARIANTS``
+  land 900x to 12700x above it.
+* bfloat16 engine: ``BF16_MULTIPLE`` = 4 times transformers' own bfloat16 error on the same trace (the
   bfloat16 model replayed through the same reference cache, measured against the same float64 oracle).
-  Both round weights and activations to bfloat16 (8 bits of mantissa) at the same places and accumulate
-  in float32, in different orders and with some ops fused, so their errors are of the same size: the
-  ratio engine / transformers over the whole table is 0.6 to 1.6. A max over a few hundred rows of 49k
-  logits still moves between runs of other tokens, so the multiple leaves about 2x over the worst ratio
-  seen; a real mistake (a wrong position, a missing token) costs an error of the size of the logits'
-  spread on some row, far above it.
+  Both round weights and activations to bfloat16 (8 bits of mantissa) and accumulate in float32, but at
+  different points (fused ops, another summation order), so one row's two errors can differ by 6x while
+  their means over a job stay within 0.9 to 1.5x of each other in the jobs looked at; the maximum over a
+  job's rows, which the tolerance bounds, came out at 0.46 to 2.8 times transformers' over the 189
+  bfloat16 cases of docs/BENCHMARKS.md, "Oracle". 4 leaves 1.4x over the worst ratio seen. It is too
+  coarse to catch the wrong variants on every model (their errors, 1e-2 to 1e-1 of the spread on these
+  tiny models, are often within a few bfloat16 errors: margins 0.24 to 3.6): the float32 runs of every
+  backend are what catch those.
 
 Tokens: a greedy row's token must be the oracle's argmax (after the job's logit bias and the row's bans)
 unless the oracle's top two are closer than twice the row's measured error (a near tie). A sampled row's
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
     from engine.trace import TraceStep
 
 TOL_FLOAT32 = 1e-5
-BF16_MULTIPLE = 3.0
+BF16_MULTIPLE = 4.0
 # Near-boundary draws allowed: at most this fraction of a job's draws (and at least one).
 NEAR_BOUNDARY_SHARE = 0.02
 
@@ -145,7 +148,7 @@ class Oracle:
     """A model (the one an engine was built from) and its float64 copy, with the last replays kept: the
     same trace from several backends is replayed once."""
 
-    KEEP = 2
+    KEEP = 3  # a half-precision job: the oracle, transformers in the dtype, a wrong variant
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -221,7 +224,9 @@ def compare(model: Any, job: Any, oracle: Oracle | None = None, variant: Variant
     result = Comparison(dtype=str(model.dtype).removeprefix("torch."))
     result.problems += view_problems(trace, job.options.layout, job.options.workers)
 
+    # transformers' own error in a half-precision dtype, always against the right oracle.
     own: list[list[torch.Tensor | None]] | None = None
+    correct = exact if variant == CORRECT else oracle.logits(trace)
     if model.dtype not in (torch.float32, torch.float64):
         own = oracle.own_dtype_logits(trace)
         result.baseline = 0.0
@@ -237,10 +242,10 @@ def compare(model: Any, job: Any, oracle: Oracle | None = None, variant: Variant
             abs_err, spread = _error(row.logits, ref)
             result.max_error = max(result.max_error, abs_err / spread)
             if own is not None:
-                own_row = own[s][r]
-                assert own_row is not None
-                own_err, _ = _error(own_row, ref)
-                result.baseline = max(result.baseline or 0.0, own_err / spread)
+                own_row, right = own[s][r], correct[s][r]
+                assert own_row is not None and right is not None
+                own_err, right_spread = _error(own_row, right)
+                result.baseline = max(result.baseline or 0.0, own_err / right_spread)
             finisher = row.worker < -1
             if sampled_job and not finisher:
                 if row.uniform is None or not 0 <= row.uniform < 1:
