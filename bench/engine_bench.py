@@ -132,9 +132,16 @@ def bench_generate(hf_model: Any, ids: list[int], tokens: int) -> Run:
     return stamps[-1] - stamps[0], tokens - 1, tokens - 1, None, None
 
 
-def submit(eng: Any, prompt: str, workers: int, tokens: int, checkpoints: list[int] | None = None) -> Any:
-    """The short instructions keep a context's length what it says (the full preset adds about 750
-    tokens of examples, the same for every context), and one worker gets none, as transformers'
+def submit(
+    eng: Any,
+    prompt: str,
+    workers: int,
+    tokens: int,
+    checkpoints: list[int] | None = None,
+    instructions: str | None = None,
+) -> Any:
+    """By default the short instructions keep a context's length what it says (the full preset adds
+    about 750 tokens of examples, the same for every context), and one worker gets none, as transformers'
     generate does; the format guards stay on."""
     bias = {t: -100.0 for t in eng.eos_ids}  # as min_new_tokens does for generate
     return eng.submit(
@@ -145,7 +152,7 @@ def submit(eng: Any, prompt: str, workers: int, tokens: int, checkpoints: list[i
         finisher=False,
         quick_check_every=0,
         logit_bias=bias,
-        instructions="short" if workers > 1 else "none",
+        instructions=instructions or ("short" if workers > 1 else "none"),
         checkpoints=checkpoints,
     )
 

@@ -49,6 +49,7 @@ class EngineOptions:
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA, triton attention)
     fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
     presets: str | None = None  # a JSON file of extra instruction presets (engine/prompts.py)
+    prefix_cache: bool = True  # share the K/V of full prompt pages across jobs (engine/block_manager.py)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -91,7 +92,7 @@ class Engine:
         ):
             model.use_kernel(torch.ops.hogwild_cpu.linear_bf16)
         self.model = model
-        self.pool = PagePool(self._num_pages(), self.options.page_size)
+        self.pool = PagePool(self._num_pages(), self.options.page_size, self.options.prefix_cache)
         self.runner = ModelRunner(
             model,
             rotary,
@@ -177,7 +178,7 @@ class Engine:
 
     @property
     def free_pages(self) -> int:
-        """Pages no job holds or has reserved."""
+        """Pages no job holds or has reserved (evictable cached pages included)."""
         return self.pool.unreserved
 
     def encode(self, text: str) -> list[int]:
@@ -363,7 +364,7 @@ class Engine:
         budget = self.options.prefill_chunk
         for job in list(self.running):
             try:  # a job's own failure (its rows, its pages) must not stop the others
-                rows, budget = job.schedule(budget)
+                rows, budget = job.schedule(budget, self.pool)
                 job_slots = [row.block.extend(self.pool, row.tokens, job.holder) for _, row in rows]
             except Exception as exc:
                 events += self._fail(job, exc)
@@ -434,12 +435,15 @@ class Engine:
     def _admit(self) -> None:
         while self.queue and len(self.running) < self.options.max_running_jobs:
             job = self.queue[0]
-            pages = job.pages_needed(self.pool)
-            if not self.pool.try_reserve(pages):
+            pages, cached = job.pages_needed(self.pool), job.cached_run(self.pool)
+            if not self.pool.try_reserve(pages, cached):
                 break
             self.queue.popleft()
             job.holder.reserved = pages
             job.status = "prefill"
+            if self.pool.prefix_cache:
+                self.pool.queries += len(job.prefill[0][1])
+            job.reuse(self.pool, cached)
             self.running.append(job)
 
     def _retire(self, job: Job) -> None:
@@ -448,12 +452,19 @@ class Engine:
             job.release(self.pool)
 
     def stats(self) -> dict[str, Any]:
+        pool = self.pool
         return {
             "running": len(self.running),
             "queued": len(self.queue),
             "total_pages": self.total_pages,
             "free_pages": self.free_pages,
-            "used_pages": self.pool.num_pages - self.pool.free_list_len,
+            "used_pages": pool.num_pages - pool.free_list_len - pool.evictable,
+            "evictable_pages": pool.evictable,
+            "prefix_cache": pool.prefix_cache,
+            "prefix_cache_queries": pool.queries,
+            "prefix_cache_hits": pool.hits,
+            "prefix_cache_hit_rate": pool.hits / pool.queries if pool.queries else 0.0,
+            "prefix_cache_evictions": pool.evictions,
             "steps": self.steps,
             "graph_captures": self.runner.graphs.captures if self.runner.graphs else 0,
             "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,

@@ -158,6 +158,9 @@ class Job:
         self.prefill: list[tuple[str, list[int]]] = [
             ("common", prompt_ids[: len(prompt_ids) - self.held_back])
         ]
+        self.page_keys: list[bytes] | None = None  # prefix-cache keys of the prefilled prompt's full pages
+        self.published = 0  # of those pages, how many were offered to the cache
+        self.cached_tokens = 0  # prompt tokens read from the cache instead of computed
         for name, text in self.layout.static_blocks():
             self.blocks[name] = Block(name)
             self.prefill.append((name, encode(text)))
@@ -190,7 +193,73 @@ class Job:
         for block in self.blocks.values():
             block.release(pool, self.holder)
         pool.release(self.holder.reserved)
+        pool.unclaim(self.id)
         self.holder.reserved = 0
+
+    # -- the prefix cache ---------------------------------------------------------------------------
+
+    def _keys(self, pool: PagePool) -> list[bytes]:
+        if self.page_keys is None:
+            self.page_keys = pool.page_keys(self.prompt_ids[: len(self.prompt_ids) - self.held_back])
+        return self.page_keys
+
+    def cached_run(self, pool: PagePool) -> list[int]:
+        """Cached pages that go on from where the prefill of ``common`` stands. Never the page the prompt
+        ends in: the job computes at least its last prompt token, whose step starts its decoding."""
+        if not pool.prefix_cache or not self.prefill or self.prefill[0][0] != "common":
+            return []
+        done, size = len(self.blocks["common"]), pool.page_size
+        if done % size:
+            return []
+        usable = (len(self.prompt_ids) - self.held_back - 1) // size
+        pages = []
+        for key in self._keys(pool)[done // size : usable]:
+            page = pool.cached(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def reuse(self, pool: PagePool, pages: list[int]) -> None:
+        """Put cached pages at the end of ``common`` in place of computing their tokens."""
+        if not pages:
+            return
+        common, n = self.blocks["common"], len(pages) * pool.page_size
+        name, ids = self.prefill[0]
+        self.prefill[0] = (name, ids[n:])
+        common.append_pages(pool, ids[:n], pages)
+        self.holder.share(pool, pages)
+        self.cached_tokens += n
+        pool.hits += n
+        if self.options.trace:  # the reference computes these tokens; the engine read them
+            row = TraceRow(-1, "common", ids[:n], [("common", len(common))], reused=True)
+            self.trace.append(TraceStep([row]))
+
+    def _waits(self, pool: PagePool) -> bool:
+        """Whether the next prompt page is being computed by another job: then this one waits for it
+        rather than computing it too."""
+        done, keys = len(self.blocks["common"]), self._keys(pool)
+        if not pool.prefix_cache or done % pool.page_size or done // pool.page_size >= len(keys):
+            return False
+        return pool.computing(keys[done // pool.page_size]) not in (None, self.id)
+
+    def _claim(self, pool: PagePool, start: int, end: int) -> None:
+        """Claim the prompt pages that tokens [start, end) of ``common`` write."""
+        if pool.prefix_cache:
+            size = pool.page_size
+            pool.claim(self._keys(pool)[start // size : -(-end // size)], self.id)
+
+    def _publish(self, pool: PagePool) -> None:
+        """Offer the full prompt pages of ``common`` computed so far to the cache, once their K/V are
+        written."""
+        if not pool.prefix_cache:
+            return
+        keys, common = self._keys(pool), self.blocks["common"]
+        full = min(len(common) // pool.page_size, len(keys))
+        for i in range(self.published, full):
+            self.holder.publish(pool, keys[i], common.pages[i])
+        pool.unclaim(self.id, keys[self.published : full])
+        self.published = full
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -214,6 +283,7 @@ class Job:
         generated = sum(w.generated for w in self.workers)
         return {
             "prompt_tokens": len(self.prompt_ids),
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": generated + self.finisher_tokens,
             "forced_tokens": sum(w.forced for w in self.workers),
             "checkpoint_tokens": self.branch_tokens,
@@ -234,14 +304,20 @@ class Job:
 
     # -- scheduling ---------------------------------------------------------------------------------
 
-    def schedule(self, prefill_budget: int) -> tuple[list[tuple[int, Row]], int]:
+    def schedule(self, prefill_budget: int, pool: PagePool) -> tuple[list[tuple[int, Row]], int]:
         """This step's rows as (key, row): a worker's index, -1 for prefill, a branch's key; and what is
-        left of the budget."""
+        left of the budget, which only computed prompt tokens use."""
         if self.prefill:
+            if self.prefill[0][0] == "common":
+                if prefill_budget <= 0:
+                    return [], prefill_budget
+                self.reuse(pool, self.cached_run(pool))
+                if self._waits(pool):
+                    return [], prefill_budget
             name, ids = self.prefill[0]
-            take = len(ids) if name != "common" else min(len(ids), max(prefill_budget, 1))
-            if name == "common" and prefill_budget <= 0:
-                return [], prefill_budget
+            take = len(ids) if name != "common" else min(len(ids), prefill_budget)
+            if name == "common":
+                self._claim(pool, len(self.blocks["common"]), len(self.blocks["common"]) + take)
             self.prefill[0] = (name, ids[take:])
             if not self.prefill[0][1]:
                 self.prefill.pop(0)
@@ -339,6 +415,7 @@ class Job:
         trace = self.record(rows)
         events: list[Event] = []
         if self.status == "prefill":
+            self._publish(pool)
             if not self.prefill:
                 events += self.begin_decode()
             return events

@@ -17,7 +17,8 @@ class TraceRow:
 
     ``view`` lists (block name, length) in view order *during* the step, so lengths already include the
     tokens that every row of the step appended (same-step visibility). ``block`` is always the last entry.
-    ``worker`` is -1 for prefill rows (the prompt and the static header blocks).
+    ``worker`` is -1 for prefill rows (the prompt and the static header blocks). A ``reused`` row is one
+    step of its own: prompt pages another job computed, which the reference computes like any prefill row.
     """
 
     worker: int
@@ -28,6 +29,7 @@ class TraceRow:
     next_token: int | None = None  # the token sampled from ``logits``; None if nothing was sampled
     uniform: float | None = None  # the uniform in [0, 1) the token was drawn with; None when greedy
     banned: tuple[int, ...] = ()  # ids the row could not sample: the job's suppressed ones and the guard's
+    reused: bool = False  # a prompt row whose K/V the engine read from the prefix cache, not computed
 
 
 @dataclass

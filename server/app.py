@@ -181,6 +181,16 @@ def create_app(settings: Settings) -> FastAPI:
         headers = {"X-Job-Id": record.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return event_source(events(), settings.keepalive_s, headers)
 
+    @v1.get("/stats")
+    async def engine_stats() -> dict[str, Any]:
+        """The engine's counters: jobs, pages, steps and the prefix cache (what /metrics exports)."""
+        try:
+            stats: dict[str, Any] = await asyncio.wait_for(hub.engine().stats(), 5)
+        except asyncio.TimeoutError:
+            raise ApiError(503, "the engine did not answer within 5 s", "engine_unavailable") from None
+        metrics.engine_stats(stats)
+        return stats
+
     @v1.post("/jobs", status_code=201, response_model=None)
     async def create_job(body: JobRequest, request: Request) -> Response | dict[str, Any]:
         record = await hub.submit(body.engine_params(), body.options())

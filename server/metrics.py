@@ -26,6 +26,18 @@ class Metrics:
         self.pages_reserved = Gauge(
             "hogwild_pool_pages_reserved", "pages held or reserved by admitted jobs", registry=r
         )
+        self.pages_evictable = Gauge(
+            "hogwild_pool_pages_evictable",
+            "cached prompt pages no job holds: free for admission, evicted least recently used",
+            registry=r,
+        )
+        self.cache_queries = Counter(
+            "hogwild_prefix_cache_queries", "prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.cache_hits = Counter(
+            "hogwild_prefix_cache_hits", "prompt tokens read from the prefix cache", registry=r
+        )
+        self._seen: dict[str, int] = {}  # the engine's running totals as last read
         self.steps_per_second = Gauge("hogwild_engine_steps_per_second", "recent decode steps/s", registry=r)
         self.graph_replays = Gauge(
             "hogwild_engine_graph_replays",
@@ -66,6 +78,16 @@ class Metrics:
         self.steps_per_second.set(stats["steps_per_second"])
         self.graph_replays.set(stats["graph_replays"])
         self.graph_captures.set(stats["graph_captures"])
+        self.pages_evictable.set(stats["evictable_pages"])
+        self._count(self.cache_queries, "prefix_cache_queries", stats)
+        self._count(self.cache_hits, "prefix_cache_hits", stats)
+
+    def _count(self, counter: Counter, key: str, stats: dict[str, Any]) -> None:
+        """Advance a counter by what the engine's running total grew since the last read; an engine
+        restarted after dying counts from zero again."""
+        total, seen = int(stats[key]), self._seen.get(key, 0)
+        counter.inc(total - seen if total >= seen else total)
+        self._seen[key] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

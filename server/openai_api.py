@@ -35,12 +35,13 @@ def reasoning(record: JobRecord) -> str:
     return "\n\n".join(f"[{w.name}]\n{w.text.strip()}" for w in record.workers)
 
 
-def openai_usage(record: JobRecord) -> dict[str, int]:
+def openai_usage(record: JobRecord) -> dict[str, Any]:
     usage = record.usage or record.usage_so_far()
     return {
         "prompt_tokens": usage["prompt_tokens"],
         "completion_tokens": usage["completion_tokens"],
         "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+        "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
     }
 
 

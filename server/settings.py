@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool | None = None
     fused_ops: bool | None = None
     presets: str | None = None  # a JSON file of extra instruction presets (docs/API.md, "Instructions")
+    prefix_cache: bool | None = None
 
     def engine_args(self) -> list[str]:
         """Flags for ``python -m engine.serve``: the model and every engine option that was set."""

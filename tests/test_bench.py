@@ -56,14 +56,26 @@ def test_engine(tmp_path: Path) -> None:
 
 def test_jobs(tmp_path: Path) -> None:
     record = run_bench(tmp_path, "jobs --shape tiny --concurrency 1 3 --tokens 48 --prompt-tokens 32")
-    rows = record["results"]
-    assert [r["concurrency"] for r in rows] == [1, 3]
+    rows = record["results"]["jobs"]
+    assert [(r["prefix_cache"], r["concurrency"]) for r in rows] == [
+        (True, 1),
+        (True, 3),
+        (False, 1),
+        (False, 3),
+    ]
     for row in rows:
-        positive(row, "tokens_per_s", "step_ms", "seconds", "steps", "decode_tokens_per_s")
+        positive(row, "tokens_per_s", "step_ms", "seconds", "steps", "decode_tokens_per_s", "pages_per_job")
         assert row["tokens"] == row["concurrency"] * 2 * 48  # EOS is suppressed: every worker writes 48
         for stat in ("latency_s", "ttft_s"):
             assert row[stat].keys() == {"mean", "p50", "p99"}
             assert 0 < row[stat]["p50"] <= row[stat]["p99"]
+    on, off = rows[1], rows[3]
+    # The instructions were cached before: the jobs read them, and share their pages.
+    assert 0 < on["cached_tokens"] < on["prompt_tokens"] and off["cached_tokens"] == 0
+    assert on["pages_per_job"] < off["pages_per_job"]
+    first_on, first_off = record["results"]["first_token"]
+    assert first_on["prefix_cache"] and first_on["cached_tokens"] > 0 and first_off["cached_tokens"] == 0
+    positive(first_on, "cold_ttft_s", "cached_ttft_s")
 
 
 def test_prefill(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def eng(tok: Any) -> Engine:
 
 
 def pool_is_whole(eng: Engine) -> bool:
-    return eng.free_pages == eng.total_pages and eng.pool.free_list_len == eng.total_pages
+    return eng.free_pages == eng.total_pages and eng.pool.whole
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

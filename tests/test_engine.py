@@ -48,7 +48,7 @@ def test_pool_is_full_again_after_finished_and_cancelled_jobs(tok: Any) -> None:
     run(eng, jobs[:1] + jobs[2:])
     assert all(j.status == "finished" for j in jobs[:1] + jobs[2:])
     assert eng.free_pages == eng.total_pages
-    assert eng.pool.free_list_len == eng.total_pages
+    assert eng.pool.whole
     assert not eng.running and not eng.queue
 
 
@@ -100,8 +100,9 @@ def test_concurrent_jobs_match_each_job_alone(tok: Any, sampled: bool) -> None:
 
 def _alter_bob_and_watch_alice(tok: Any, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Two identical jobs; in the second, Bob's next token is swapped. Alice's logits in that step."""
-    eng = make_engine(tok, wired=False)
-    # No instructions: both prompts are prefilled in the same step, so the jobs stay in step.
+    # No instructions and no prefix cache (the second job would wait for the first's pages): both prompts
+    # are prefilled in the same step, so the jobs stay in step.
+    eng = make_engine(tok, wired=False, prefix_cache=False)
     kw: dict[str, Any] = dict(workers=2, layout=layout, max_tokens=20, trace=True, instructions="none")
     jobs = [eng.submit("same", **kw) for _ in range(2)]
     assert jobs[0].workers[1].generated == jobs[1].workers[1].generated
@@ -173,7 +174,7 @@ def test_cancel_frees_pages_at_once_and_ends_with_cancelled(tok: Any) -> None:
     for _ in range(5):
         eng.step()
     assert eng.cancel(job.id)
-    assert eng.free_pages == eng.total_pages == eng.pool.free_list_len
+    assert eng.free_pages == eng.total_pages and eng.pool.whole
     events = eng.step()
     assert events[-1].type == "done" and events[-1].data["finish_reason"] == "cancelled"
     assert not eng.cancel(job.id)

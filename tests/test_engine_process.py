@@ -97,6 +97,9 @@ def test_fifty_jobs_with_random_cancels_all_end_and_the_pool_refills(tiny_model_
         assert stats["running"] == stats["queued"] == 0
         assert stats["free_pages"] == stats["total_pages"]
         assert stats["used_pages"] == 0
+        # The jobs share the instructions' pages; what they cached stays, idle and evictable.
+        assert stats["prefix_cache_hits"] > 0 and stats["evictable_pages"] > 0
+        assert stats["free_pages"] == stats["total_pages"]
         assert stats["steps"] > 0
         await client.close()
         assert client.process is not None and client.process.returncode == 0

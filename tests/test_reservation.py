@@ -25,6 +25,18 @@ def model(tok: Any) -> Any:
 
 
 def check_reservations(eng: Engine) -> None:
+    """Every job within its reservation, and the pool's sums: what jobs reserved is the pool's
+    ``reserved``, the cached pages they share are its pinned ones, and the free list with the evictable
+    pages covers every reservation's unused part."""
+    pool = eng.pool
+    assert pool.reserved == sum(job.holder.reserved for job in eng.running)
+    shared = set().union(*(job.holder.shared for job in eng.running))
+    assert pool.pinned == len(shared)
+    unused = sum(job.holder.reserved - job.holder.held for job in eng.running)
+    assert pool.free_list_len + pool.evictable >= unused
+    assert pool.free_list_len + pool.evictable + pool.pinned + sum(j.holder.held for j in eng.running) == (
+        pool.num_pages
+    )
     for job in eng.running:
         assert job.holder.held <= job.holder.reserved, job.id
         tokens = sum(len(b) for b in job.blocks.values())
@@ -43,7 +55,7 @@ def run_checked(eng: Engine, jobs: list[Job], cancel_at: dict[int, str] | None =
         steps += 1
         assert steps < 5000, "the jobs never ended"
     assert eng.free_pages == eng.total_pages
-    assert eng.pool.free_list_len == eng.total_pages
+    assert eng.pool.whole
 
 
 def test_quick_checks_and_headers_stay_within_the_reservation(model: Any, tok: Any) -> None:
@@ -77,7 +89,7 @@ def test_a_job_whose_pages_fail_fails_alone(model: Any, tok: Any) -> None:
     assert good.status == "finished" and good.error is None
     errors = [e for e in events if e.type == "error"]
     assert [e.job_id for e in errors] == [bad.id]
-    assert eng.free_pages == eng.total_pages and eng.pool.free_list_len == eng.total_pages
+    assert eng.free_pages == eng.total_pages and eng.pool.whole
 
 
 JOB = st.fixed_dictionaries(

@@ -204,17 +204,41 @@ def test_malformed_requests(http: httpx.Client, server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/v1/jobs", cookies={"hogwild_key": API_KEY}).status_code == 200
 
 
+def metric_values(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_a_repeated_prompt_reads_its_prefix_from_the_cache(http: httpx.Client, server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    model = client.models.list().data[0].id
+    messages: Any = [{"role": "user", "content": "Cache this: what is 12 times 13?"}]
+    body: Any = dict(model=model, messages=messages, max_tokens=4, extra_body={"workers": 2})
+    replies = [client.chat.completions.create(**body) for _ in range(2)]
+    usage = replies[1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    assert 0 < cached < usage.prompt_tokens  # every full page but the one the prompt ends in
+    stats = http.get("/v1/stats").json()
+    assert stats["prefix_cache"] is True and stats["prefix_cache_hits"] >= cached
+    assert 0 < stats["prefix_cache_hit_rate"] <= 1 and stats["evictable_pages"] > 0
+    values = metric_values(server)
+    assert values["hogwild_prefix_cache_hits_total"] >= cached
+    assert values["hogwild_prefix_cache_queries_total"] >= values["hogwild_prefix_cache_hits_total"]
+    assert values["hogwild_pool_pages_evictable"] > 0
+    assert httpx.get(f"{server.url}/v1/stats").status_code == 401  # no key
+
+
 def test_jobs_list_and_metrics(http: httpx.Client, server: ServerProcess) -> None:
     job = submit(http, max_tokens=8)
     wait_for(http, job["id"], ("finished",))
     listed = http.get("/v1/jobs").json()["data"]
     assert listed[0]["id"] == job["id"]
-    text = httpx.get(f"{server.url}/metrics").text
-    values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    values = metric_values(server)
     assert values["hogwild_tokens_generated_total"] > 0
     assert values["hogwild_time_to_first_token_seconds_count"] > 0
     assert values["hogwild_inter_token_latency_seconds_count"] > 0

@@ -7,6 +7,7 @@ const KEY_STORAGE = "hogwild_key";
 const COLOR_COUNT = 8; // style.css defines .c0 ... .c7
 const ENDED = new Set(["finished", "cancelled", "failed"]);
 const STATUS_OF_REASON = { cancelled: "cancelled", error: "failed" };
+const STATS_EVERY_MS = 5000;
 
 const $ = (id) => document.getElementById(id);
 
@@ -264,6 +265,7 @@ function onDone(d) {
     if (view.job && view.job.id === id) applyJob(job);
   }).catch(() => {});
   loadJobs();
+  loadStats();
 }
 
 function applyJob(job) {
@@ -415,6 +417,26 @@ async function loadModel() {
   }
 }
 
+/* The engine's load and how much of the prompts it read from the prefix cache, refreshed while open. */
+async function loadStats() {
+  const pill = $("engine-stats");
+  try {
+    const s = await api("GET", "v1/stats");
+    const parts = [`${s.running} running`, `${s.queued} queued`];
+    if (s.prefix_cache) {
+      parts.push(s.prefix_cache_queries
+        ? `prefix cache ${(100 * s.prefix_cache_hit_rate).toFixed(0)}% hit`
+        : "prefix cache empty");
+    }
+    pill.textContent = parts.join(" · ");
+    pill.title = `prompt tokens: ${s.prefix_cache_hits} of ${s.prefix_cache_queries} read from the cache; ` +
+      `KV pages: ${s.used_pages} held by jobs, ${s.evictable_pages} cached and idle, ${s.total_pages} in all`;
+    pill.hidden = false;
+  } catch (err) {
+    pill.hidden = true;
+  }
+}
+
 /* ---------- form ---------- */
 
 function readForm() {
@@ -492,6 +514,8 @@ function init() {
   $("refresh-jobs").addEventListener("click", loadJobs);
   loadModel();
   loadJobs();
+  loadStats();
+  setInterval(() => { if (!document.hidden) loadStats(); }, STATS_EVERY_MS);
   // The address names the job on screen, so reloading, links and the back button reopen it.
   const openFromHash = () => {
     const id = decodeURIComponent(location.hash.slice(1));
