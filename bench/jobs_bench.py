@@ -19,8 +19,8 @@ For each ``--prefix-cache`` setting a fresh engine is built and warmed up on a j
 - job latency: finish - submit; time to first token: first generated token - submit
 - step ms: the same wall time / the number of engine steps it took (prefill steps included), beside the
   weight-read floor (every weight read once at the measured memory bandwidth)
-- pages per job: the most KV pages held by running jobs at once (a shared cached page counts once) over
-  the jobs running then; cached tokens: prompt tokens the jobs read from the cache
+- pages per job: the most KV pages held at once while all C jobs decode (a shared cached page counts
+  once), over C; cached tokens: prompt tokens the jobs read from the cache
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def run(eng: Any, prompts: list[str], workers: int, tokens: int, instructions: s
         before = sum(job.usage["completion_tokens"] for job in jobs)
         start = time.perf_counter()
         eng.step()
-        if eng.running:
-            peak = max(peak, held_pages(eng) / len(eng.running))
+        if all(job.status == "running" for job in jobs):
+            peak = max(peak, held_pages(eng) / len(jobs))
         if steady and all(job.status == "running" for job in jobs):
             decode_seconds += time.perf_counter() - start
             decode_tokens += sum(job.usage["completion_tokens"] for job in jobs) - before

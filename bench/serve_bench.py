@@ -10,6 +10,11 @@ arrivals; ``inf`` sends them all at once), with at most that many in flight. Eac
 - inter-token latency (ITL): gaps between one worker's successive generated tokens, over all workers
 - end-to-end latency (E2E): request sent -> ``done`` event
 - output tokens/s: generated tokens of the successful requests / (last done - first request sent)
+- cached share: prompt tokens the server read from its prefix cache / prompt tokens, over the successful
+  requests (their ``usage.cached_tokens``)
+
+Every request's prompt starts with its own number, so what requests share is what any server's jobs share:
+the chat template and the instructions before the problem.
 
 Jobs are greedy with no finisher and no quick check. The server decides EOS, so jobs may stop before
 ``max_tokens``; the tokens actually generated are counted.
@@ -42,6 +47,7 @@ class Request:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int = 0
     finish_reason: str | None = None
 
 
@@ -58,6 +64,7 @@ class Figure:
     ttft_ms: dict[str, float]
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
+    cached_share: float
     errors: list[str]
 
 
@@ -112,7 +119,9 @@ async def consume(response: Any, start: float, result: Request) -> None:
         elif event == "done":
             result.e2e_s = t - start
             result.finish_reason = data.get("finish_reason")
-            result.prompt_tokens = (data.get("usage") or {}).get("prompt_tokens")
+            usage = data.get("usage") or {}
+            result.prompt_tokens = usage.get("prompt_tokens")
+            result.cached_tokens = int(usage.get("cached_tokens") or 0)
             result.ok = result.error is None and result.finish_reason != "error"
             return
     result.error = result.error or "the stream ended without a done event"
@@ -177,14 +186,14 @@ async def load(args: argparse.Namespace, body: dict[str, Any], concurrency: int)
         gate = asyncio.Semaphore(concurrency)
         arrivals = random.Random(args.seed)
 
-        async def gated() -> Request:
+        async def gated(k: int) -> Request:
             async with gate:
-                return await one_request(http, body, args.via)
+                return await one_request(http, {**body, "prompt": f"Request {k}. {body['prompt']}"}, args.via)
 
         start = time.perf_counter()
         tasks = []
-        for _ in range(args.num_requests):
-            tasks.append(asyncio.create_task(gated()))
+        for k in range(args.num_requests):
+            tasks.append(asyncio.create_task(gated(concurrency * args.num_requests + k)))
             if math.isfinite(args.request_rate):
                 await asyncio.sleep(arrivals.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -203,6 +212,7 @@ async def load(args: argparse.Namespace, body: dict[str, Any], concurrency: int)
         ttft_ms=common.summary([1000 * r.ttft_s for r in good if r.ttft_s is not None]),
         itl_ms=common.summary([1000 * gap for r in good for gap in r.itl_s]),
         e2e_ms=common.summary([1000 * r.e2e_s for r in good]),
+        cached_share=sum(r.cached_tokens for r in good) / max(1, sum(r.prompt_tokens or 0 for r in good)),
         errors=sorted({r.error for r in results if r.error}),
     )
 
@@ -244,7 +254,16 @@ def main(args: argparse.Namespace) -> int:
     common.print_table(
         f"{args.url} ({model}): {args.num_requests} requests per level, {args.workers} workers, "
         f"{args.max_tokens} max tokens/worker, rate {args.request_rate}/s",
-        ["concurrency", "ok/sent", "req/s", "out tok/s", "TTFT ms mean/p50/p99", "ITL ms", "E2E ms"],
+        [
+            "concurrency",
+            "ok/sent",
+            "req/s",
+            "out tok/s",
+            "TTFT ms mean/p50/p99",
+            "ITL ms",
+            "E2E ms",
+            "cached",
+        ],
         [
             [
                 str(f.concurrency),
@@ -254,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
                 common.fmt_summary(f.ttft_ms, 0),
                 common.fmt_summary(f.itl_ms, 0),
                 common.fmt_summary(f.e2e_ms, 0),
+                f"{100 * f.cached_share:.0f}%",
             ]
             for f in figures
         ],

@@ -442,7 +442,7 @@ class Engine:
             job.holder.reserved = pages
             job.status = "prefill"
             if self.pool.prefix_cache:
-                self.pool.queries += len(job.prefill[0][1])
+                self.pool.queries += len(job.prompt_left)
             job.reuse(self.pool, cached)
             self.running.append(job)
 

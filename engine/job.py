@@ -155,15 +155,15 @@ class Job:
         # logits give the first answer token (a prefill row asks for none).
         self.held_back = 1 if options.layout == "plain" else 0
         self.blocks: dict[str, Block] = {"common": Block("common")}
-        self.prefill: list[tuple[str, list[int]]] = [
-            ("common", prompt_ids[: len(prompt_ids) - self.held_back])
-        ]
+        self.prompt_left = prompt_ids[: len(prompt_ids) - self.held_back]  # not yet in common
+        self.static: list[tuple[str, list[int]]] = []  # the layout's static blocks, prefilled after it
         self.page_keys: list[bytes] | None = None  # prefix-cache keys of the prefilled prompt's full pages
         self.published = 0  # of those pages, how many were offered to the cache
         self.cached_tokens = 0  # prompt tokens read from the cache instead of computed
+        self.opening: list[Event] = []  # the openers' events, sent with the step that writes them
         for name, text in self.layout.static_blocks():
             self.blocks[name] = Block(name)
-            self.prefill.append((name, encode(text)))
+            self.static.append((name, encode(text)))
         self.workers: list[Worker] = []
         for i in range(options.workers):
             block = Block(self.layout.worker_block(i))
@@ -177,7 +177,7 @@ class Job:
         # Every token lives in exactly one block, so this bounds both any view and what the job holds.
         self.max_total_tokens = (
             len(prompt_ids)
-            + sum(len(ids) for name, ids in self.prefill if name != "common")
+            + sum(len(ids) for _, ids in self.static)
             + options.workers * self.token_cap
             + len(self.branch_blocks) * (len(self.finisher_ids) + options.finisher_tokens)
         )
@@ -206,7 +206,7 @@ class Job:
     def cached_run(self, pool: PagePool) -> list[int]:
         """Cached pages that go on from where the prefill of ``common`` stands. Never the page the prompt
         ends in: the job computes at least its last prompt token, whose step starts its decoding."""
-        if not pool.prefix_cache or not self.prefill or self.prefill[0][0] != "common":
+        if not pool.prefix_cache or not self.prompt_left:
             return []
         done, size = len(self.blocks["common"]), pool.page_size
         if done % size:
@@ -225,14 +225,13 @@ class Job:
         if not pages:
             return
         common, n = self.blocks["common"], len(pages) * pool.page_size
-        name, ids = self.prefill[0]
-        self.prefill[0] = (name, ids[n:])
-        common.append_pages(pool, ids[:n], pages)
+        ids, self.prompt_left = self.prompt_left[:n], self.prompt_left[n:]
+        common.append_pages(pool, ids, pages)
         self.holder.share(pool, pages)
         self.cached_tokens += n
         pool.hits += n
         if self.options.trace:  # the reference computes these tokens; the engine read them
-            row = TraceRow(-1, "common", ids[:n], [("common", len(common))], reused=True)
+            row = TraceRow(-1, "common", ids, [("common", len(common))], reused=True)
             self.trace.append(TraceStep([row]))
 
     def _waits(self, pool: PagePool) -> bool:
@@ -307,23 +306,11 @@ class Job:
     def schedule(self, prefill_budget: int, pool: PagePool) -> tuple[list[tuple[int, Row]], int]:
         """This step's rows as (key, row): a worker's index, -1 for prefill, a branch's key; and what is
         left of the budget, which only computed prompt tokens use."""
-        if self.prefill:
-            if self.prefill[0][0] == "common":
-                if prefill_budget <= 0:
-                    return [], prefill_budget
-                self.reuse(pool, self.cached_run(pool))
-                if self._waits(pool):
-                    return [], prefill_budget
-            name, ids = self.prefill[0]
-            take = len(ids) if name != "common" else min(len(ids), prefill_budget)
-            if name == "common":
-                self._claim(pool, len(self.blocks["common"]), len(self.blocks["common"]) + take)
-            self.prefill[0] = (name, ids[take:])
-            if not self.prefill[0][1]:
-                self.prefill.pop(0)
-            block = self.blocks[name]
-            view = [self.blocks[n] for n in self.layout.prefill_view(name)]
-            return [(-1, Row(ids[:take], block, view, want_logits=False))], prefill_budget - take
+        if self.prompt_left:
+            return self._prefill_rows(prefill_budget, pool)
+        return self._decode_rows(), prefill_budget
+
+    def _decode_rows(self) -> list[tuple[int, Row]]:
         rows = []
         for w in self.workers:
             if w.done or not w.pending:
@@ -333,7 +320,30 @@ class Job:
         finisher_view = [self.blocks[n] for n in self.layout.finisher_view()]
         for key, branch in self.branches.items():
             rows.append((key, Row(list(branch.pending), branch.block, [*finisher_view, branch.block], True)))
-        return rows, prefill_budget
+        return rows
+
+    def _prefill_rows(self, budget: int, pool: PagePool) -> tuple[list[tuple[int, Row]], int]:
+        """A chunk of the prompt within the budget, after what the cache holds of it. The last chunk takes
+        every static block and the workers' first inputs along in the same step: each row reads the
+        prompt and the headers as the step writes them (rows see each other's new tokens), so the headers
+        and openers cost no steps of their own and the first tokens come with the prompt's last chunk."""
+        if budget <= 0:
+            return [], budget
+        self.reuse(pool, self.cached_run(pool))
+        if self._waits(pool):
+            return [], budget
+        common, ids = self.blocks["common"], self.prompt_left
+        take = min(len(ids), budget)
+        self._claim(pool, len(common), len(common) + take)
+        self.prompt_left = ids[take:]
+        rows = [(-1, Row(ids[:take], common, [common], want_logits=False))]
+        if not self.prompt_left:
+            for name, tokens in self.static:
+                view = [self.blocks[n] for n in self.layout.prefill_view(name)]
+                rows.append((-1, Row(tokens, self.blocks[name], view, want_logits=False)))
+            self.opening = self.begin_decode()
+            rows += self._decode_rows()
+        return rows, budget - take
 
     def sampling_for(self, key: int) -> tuple[SamplingParams, torch.Generator | None]:
         """The finisher decodes greedily whatever the job samples (with the job's bans and biases)."""
@@ -413,13 +423,12 @@ class Job:
         """Take this step's sampled tokens (by row key), apply text rules, rollovers, checkpoints and
         finishing. ``traced`` gives each sampled row's logits and uniform draw, for the trace."""
         trace = self.record(rows)
-        events: list[Event] = []
-        if self.status == "prefill":
+        events, self.opening = self.opening, []
+        if rows and rows[0][0] == -1:
             self._publish(pool)
-            if not self.prefill:
-                events += self.begin_decode()
-            return events
         for i, (key, row) in enumerate(rows):
+            if key == -1:
+                continue
             if trace is not None and traced and key in traced:  # trace rows are in ``rows`` order
                 row_trace = trace.rows[i]
                 row_trace.logits, row_trace.uniform = traced[key]

@@ -115,6 +115,7 @@ def test_serve(tmp_path: Path, server_url: str, via: str, levels: str) -> None:
         positive(row, "output_tokens", "output_tokens_per_s", "requests_per_s", "seconds")
         for stat in ("ttft_ms", "itl_ms", "e2e_ms"):
             assert 0 < row[stat]["p50"] <= row[stat]["p99"]
+        assert 0 < row["cached_share"] < 1  # the template and instructions, never a request's own text
 
 
 def test_summary_percentiles() -> None:

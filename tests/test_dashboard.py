@@ -107,6 +107,11 @@ def test_dashboard_runs_and_replays_a_job(dashboard: Page, client: HogwildClient
     for stats in page.locator(".worker-stats").all_text_contents():
         assert "tok/s" in stats  # a live job shows its speed per worker
     expect(page.locator("#jobs li").first).to_have_attribute("data-id", job_id)
+    # The engine's line: its load and the share of prompt tokens read from the prefix cache.
+    expect(page.locator("#engine-stats")).to_have_text(
+        re.compile(r"\d+ running · \d+ queued · prefix cache \d+% hit")
+    )
+    expect(page.locator("#done")).to_contain_text("cached")
     shot = page.screenshot(path=SCREENSHOT, full_page=True)
     assert shot.startswith(b"\x89PNG")
 

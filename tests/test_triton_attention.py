@@ -154,6 +154,7 @@ def test_engine_steps_from_static_graph_buffers_match_reference(
         eng.step()
     for job in jobs:
         assert check_against_reference(model, job) >= 12 * job.options.workers
+    assert jobs[1].cached_tokens > 0  # the chat template's opening, read from the first job's pages
     assert graphs.replays >= 10  # steps whose shapes were captured before
     assert graphs.captures > len(graphs.graphs)  # some graph outgrew its sizes
     assert any(s.rollovers for s in jobs[0].trace)

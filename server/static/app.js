@@ -500,6 +500,7 @@ function init() {
     storeKey(keyInput.value.trim());
     loadModel();
     loadJobs();
+    loadStats();
   };
   keyInput.addEventListener("change", applyKey);
   $("key-form").addEventListener("submit", (ev) => {
