@@ -201,9 +201,11 @@ def main(args: argparse.Namespace) -> int:
                 len(cached.prompt_ids),
             )
         )
-        one_job = None
+        one_job, numbered = None, 0
         for c in args.concurrency:
-            done = run(eng, problems(prompt, c), args.workers, args.tokens, args.instructions)
+            # New problem numbers for every run: no job finds its own text cached from an earlier run.
+            done = run(eng, problems(prompt, c, numbered), args.workers, args.tokens, args.instructions)
+            numbered += c
             figures.append(figure(cache, c, args.workers, done, one_job if c != 1 else None))
             one_job = figures[-1].tokens_per_s if c == 1 else one_job
             common.log(f"{c} jobs: {figures[-1].tokens_per_s:.1f} tok/s")

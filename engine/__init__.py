@@ -1,11 +1,32 @@
-"""Hogwild! inference engine: N workers of one model sharing one paged, concurrent KV cache."""
+"""Hogwild! inference engine: N workers of one model sharing one paged, concurrent KV cache.
 
-from engine.engine import Engine, EngineOptions
-from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
-from engine.events import Event
-from engine.job import Job
-from engine.layers.rotary import UnsupportedModelError
+The names below load on first use: a front end that needs only ``engine.protocol`` and ``engine.client``
+(the HTTP server) never imports torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+    from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
+    from engine.events import Event
+    from engine.job import Job
+    from engine.layers.rotary import UnsupportedModelError
+    from engine.protocol import EngineOptions
+
+_WHERE = {
+    "Engine": "engine.engine",
+    "EngineOptions": "engine.protocol",
+    "Event": "engine.events",
+    "InvalidRequest": "engine.errors",
+    "Job": "engine.job",
+    "PromptTooLong": "engine.errors",
+    "QueueFullError": "engine.errors",
+    "UnsupportedModelError": "engine.layers.rotary",
+}
 __all__ = [
     "Engine",
     "EngineOptions",
@@ -16,3 +37,9 @@ __all__ = [
     "QueueFullError",
     "UnsupportedModelError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine import protocol
-from engine.serve import parse_address
+from engine.protocol import parse_address
 
 EventsCallback = Callable[[dict[str, Any]], None]  # gets each "events" message whole
 ExitCallback = Callable[[str], None]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from engine.protocol import worker_name
+
 LAYOUTS = ("combined", "interleaved", "contiguous", "plain")
-NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Nia")
 
 OTHERS_HEADER = "\n\n### Work in progress (others)\n\n"
 CUT = "<...>\n\n"  # where another worker's unfinished text currently ends
@@ -26,11 +27,6 @@ ANSWER_PREFIX = "\\boxed{"
 GUARDED_TEXT = ("#", "</think>")
 # What a worker copies from an instruction instead of answering: never an answer.
 PLACEHOLDERS = ("", "answer", "answer here", "your answer", "final answer", "...", "x")
-
-
-def worker_name(index: int) -> str:
-    base = NAMES[index % len(NAMES)]
-    return base if index < len(NAMES) else f"{base}{index // len(NAMES) + 1}"
 
 
 def opener(index: int, workers: int, layout: str) -> str:

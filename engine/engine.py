@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,30 +25,13 @@ from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
 from engine.prompts import BUILTIN, Preset, load_presets
+from engine.protocol import EngineOptions
 from engine.sampling import SamplingParams, sample, sampling_defaults
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineOptions:
-    page_size: int = 16
-    num_pages: int | None = None  # default: kv_tokens worth of pages
-    kv_tokens: int | None = None  # default: 32768 on CPU, 90% of free memory on CUDA
-    attention: str = "auto"  # "triton" on CUDA when triton is installed, else "vectorized"
-    prefill_chunk: int = 512  # prompt tokens prefilled per step, over all jobs
-    max_workers: int = 16
-    max_tokens: int = 32768  # per worker
-    max_running_jobs: int = 64
-    max_queued_jobs: int = 256
-    cpu_kernels: bool = True  # the C++ kernels on CPUs with AVX512-BF16 (engine/layers/cpu_kernels.py)
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA, triton attention)
-    fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
-    presets: str | None = None  # a JSON file of extra instruction presets (engine/prompts.py)
-    prefix_cache: bool = True  # share the K/V of full prompt pages across jobs (engine/block_manager.py)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

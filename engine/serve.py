@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from engine import protocol
-from engine.engine import DTYPES, Engine, EngineOptions
+from engine.engine import DTYPES, Engine
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.loader import DEFAULT_NAME
+from engine.protocol import EngineOptions, parse_address
 
 log = logging.getLogger("hogwild.engine")
 
@@ -233,14 +234,6 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineOptions flags that were given, as keywords."""
     names = (f.name for f in dataclasses.fields(EngineOptions))
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
-def parse_address(address: str) -> tuple[int, Any]:
-    """``host:port`` (TCP) or a filesystem path (a Unix socket)."""
-    if ":" in address and not address.startswith(("/", ".")):
-        host, _, port = address.rpartition(":")
-        return socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
-    return socket.AF_UNIX, address
 
 
 def model_name(model: str | None) -> str:

@@ -11,8 +11,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from engine.client import EngineClient, EngineRefused, EngineUnavailable
-from engine.collab import worker_name
-from engine.protocol import INVALID
+from engine.protocol import INVALID, worker_name
 from server.jobs import JobRecord, JobStore, WorkerState
 from server.metrics import Metrics
 from server.settings import Settings

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.engine import EngineOptions
+from engine.protocol import EngineOptions
 
 
 class Settings(BaseSettings):
@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     keepalive_s: float = 15.0  # SSE comment interval while a stream has nothing else to say
     ready_timeout_s: float = 1800.0  # first start may fetch and convert the default model
     log_level: str = "info"
-    # Engine options; None keeps the engine's default (see engine.engine.EngineOptions).
+    # Engine options; None keeps the engine's default (see engine.protocol.EngineOptions).
     page_size: int | None = None
     num_pages: int | None = None
     kv_tokens: int | None = None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -220,3 +222,48 @@ def test_standalone_engine_over_loopback_tcp(tiny_model_dir: Path) -> None:
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+SERVER_WITHOUT_TORCH = """
+import sys, time
+from starlette.testclient import TestClient
+from server.app import create_app
+from server.settings import Settings
+
+app = create_app(Settings(engine_address=sys.argv[1]))
+with TestClient(app) as http:
+    while http.get("/ready").status_code != 200:
+        time.sleep(0.1)
+    job = http.post("/v1/jobs", json={"prompt": "What is 2 + 2?", "workers": 2, "max_tokens": 4}).json()
+    while http.get("/v1/jobs/" + job["id"]).json()["status"] != "finished":
+        time.sleep(0.1)
+print(" ".join(m for m in ("torch", "transformers", "engine.engine", "engine.job") if m in sys.modules))
+"""
+
+
+def test_the_server_runs_jobs_without_importing_torch(tiny_model_dir: Path) -> None:
+    """The HTTP process holds only the contract (engine.protocol, engine.client): its memory and start-up
+    carry none of the model's libraries."""
+    address = f"127.0.0.1:{free_port()}"
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "engine.serve", "--model", str(tiny_model_dir), "--address", address]
+    )
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HOGWILD_")}
+        host, port = address.split(":")
+        for _ in range(int(READY_S * 10)):  # the engine listens once its model is loaded
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port))):
+                break
+            time.sleep(0.1)
+        server = subprocess.run(
+            [sys.executable, "-c", SERVER_WITHOUT_TORCH, address],
+            capture_output=True,
+            text=True,
+            timeout=READY_S,
+            env=env,
+        )
+        assert server.returncode == 0, server.stderr[-3000:]
+        assert server.stdout.strip() == ""  # none of them was imported
+    finally:
+        engine.kill()
+        engine.wait()

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from engine.engine import EngineOptions
+from engine.protocol import EngineOptions
 from server.settings import Settings
 from tests.server_process import API_KEY, ServerProcess, running_server
 
