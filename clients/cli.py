@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.client import Event, HogwildClient, HogwildError
+from engine.protocol import add_job_flags, job_params
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 COMMANDS = ("jobs", "get", "cancel")
@@ -42,22 +43,7 @@ def run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("problem")
     _common(p)
-    # None everywhere: options left out are the server's defaults, so the CLI never contradicts them.
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--layout", choices=("combined", "interleaved", "contiguous", "plain"), default=None)
-    p.add_argument("--instructions", default=None, help="preset: full, short, none or a server's own")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--quick-check-every", type=int, default=None)
-    p.add_argument("--no-finisher", action="store_true")
-    p.add_argument("--finisher-tokens", type=int, default=None)
-    p.add_argument("--checkpoints", type=int, nargs="+", default=None, help="budgets (tokens per worker)")
-    p.add_argument("--answer-pattern", default=None, help="a regex with one group (default: \\boxed{})")
-    p.add_argument("--no-suppress", action="store_true", help="let workers write the guarded tokens")
+    add_job_flags(p)  # every default None: options left out are the server's, never contradicted
     view = p.add_mutually_exclusive_group()
     view.add_argument("--columns", dest="view", action="store_const", const="columns", help="(default)")
     view.add_argument(
@@ -168,24 +154,7 @@ class Watch:
 
 
 def run(args: argparse.Namespace, client: HogwildClient, console: Console) -> int:
-    options = {
-        "workers": args.workers,
-        "layout": args.layout,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "stop": args.stop,
-        "quick_check_every": args.quick_check_every,
-        "finisher": False if args.no_finisher else None,
-        "finisher_tokens": args.finisher_tokens,
-        "checkpoints": args.checkpoints,
-        "instructions": args.instructions,
-        "answer_pattern": args.answer_pattern,
-        "suppress": False if args.no_suppress else None,
-    }
-    job = client.submit(args.problem, **options)
+    job = client.submit(args.problem, **job_params(args))
     try:
         if args.json:
             for _ in client.events(job["id"]):

@@ -11,9 +11,9 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from engine.collab import LAYOUTS
 from engine.engine import DTYPES, Engine
 from engine.events import Event
+from engine.protocol import add_job_flags, job_params
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
@@ -26,14 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--layout", choices=LAYOUTS, default="combined")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--quick-check-every", type=int, default=1024)
-    p.add_argument("--no-finisher", action="store_true")
+    add_job_flags(p)
     p.add_argument(
         "--view",
         choices=("columns", "stream"),
@@ -58,22 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print("[dim]loading model ...[/dim]")
     eng = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     try:
-        job = eng.submit(
-            args.problem,
-            workers=args.workers,
-            layout=args.layout,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            quick_check_every=args.quick_check_every,
-            finisher=not args.no_finisher,
-        )
+        job = eng.submit(args.problem, **job_params(args))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     names = [w.name for w in job.workers]
-    texts = [""] * args.workers
+    texts = [""] * len(job.workers)
     done: Event | None = None
 
     def handle(ev: Event) -> None:

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 from engine.protocol import worker_name
 
-LAYOUTS = ("combined", "interleaved", "contiguous", "plain")
-
 OTHERS_HEADER = "\n\n### Work in progress (others)\n\n"
 CUT = "<...>\n\n"  # where another worker's unfinished text currently ends
 OWN_HEADER = CUT + "### Work in progress (own)\n\n"

@@ -10,22 +10,23 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from engine.block_manager import PagePool
-from engine.collab import GUARDED_TEXT, LAYOUTS, check_answer_pattern
+from engine.collab import GUARDED_TEXT, check_answer_pattern
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.events import Event
-from engine.job import Job, JobOptions
+from engine.job import Job
 from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention
 from engine.layers.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
 from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
 from engine.prompts import BUILTIN, Preset, load_presets
-from engine.protocol import EngineOptions
+from engine.protocol import EngineOptions, JobOptions
 from engine.sampling import SamplingParams, sample, sampling_defaults
 
 log = logging.getLogger(__name__)
@@ -185,98 +186,49 @@ class Engine:
             return self.encode(text)
         return self.encode("\n\n".join(m["content"] for m in messages) + "\n\n")
 
-    def submit(
-        self,
-        prompt: str | list[dict[str, str]],
-        workers: int = 2,
-        layout: str = "combined",
-        max_tokens: int = 512,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        quick_check_every: int = 1024,
-        finisher: bool = True,
-        finisher_tokens: int = 16,
-        checkpoints: list[int] | None = None,
-        instructions: str | None = None,
-        suppress: bool | list[str] | None = None,
-        answer_pattern: str | None = None,
-        stop: list[str] | str | None = None,
-        logit_bias: dict[int, float] | None = None,
-        trace: bool = False,
-        job_id: str | None = None,
-    ) -> Job:
-        """Queue a job; raises InvalidRequest naming the problem, PromptTooLong, or QueueFullError.
-
-        Sampling left unset comes from the model's generation config; ``instructions`` defaults to the
-        full preset for several workers and none for one; ``suppress`` (the format guards) is on by
-        default for several workers."""
-        if not isinstance(workers, int) or not 1 <= workers <= self.options.max_workers:
-            raise InvalidRequest("workers", f"workers must be between 1 and {self.options.max_workers}")
-        if layout not in LAYOUTS:
-            raise InvalidRequest("layout", f"layout must be one of {', '.join(LAYOUTS)}")
-        if layout == "plain" and workers != 1:
-            raise InvalidRequest("workers", "the plain layout is one ordinary sequence: workers must be 1")
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.options.max_tokens:
-            raise InvalidRequest("max_tokens", f"max_tokens must be between 1 and {self.options.max_tokens}")
-        if not isinstance(quick_check_every, int) or quick_check_every < 0:
-            raise InvalidRequest("quick_check_every", "quick_check_every must be an integer >= 0")
-        if not isinstance(finisher_tokens, int) or not 1 <= finisher_tokens <= 1024:
-            raise InvalidRequest("finisher_tokens", "finisher_tokens must be between 1 and 1024")
-        budgets = tuple(checkpoints or ())
-        if len(budgets) > 64 or any(not isinstance(b, int) or not 1 <= b <= max_tokens for b in budgets):
-            raise InvalidRequest("checkpoints", "checkpoints must be at most 64 budgets in [1, max_tokens]")
-        if seed is not None and (not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
-            raise InvalidRequest("seed", "seed must be an integer in [-2**63, 2**64)")
-        multi = workers > 1 and layout != "plain"
-        preset = instructions if instructions is not None else ("full" if multi else "none")
+    def submit(self, prompt: str | list[dict[str, str]], job_id: str | None = None, **params: Any) -> Job:
+        """Queue a job; ``params`` are the fields of ``JobOptions`` (engine/protocol.py). Raises
+        InvalidRequest naming the field, PromptTooLong, or QueueFullError."""
+        options = JobOptions.parse(params)
+        options.within(self.options.max_workers, self.options.max_tokens)
+        multi = options.workers > 1 and options.layout != "plain"
+        preset = options.instructions if options.instructions is not None else ("full" if multi else "none")
         if preset not in self.presets:
             raise InvalidRequest("instructions", f"instructions must be one of {', '.join(self.presets)}")
-        rule = check_answer_pattern(answer_pattern)
-        bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
-        if any(not 0 <= t < self.shape.vocab_size for t, _ in bias):
+        rule = check_answer_pattern(options.answer_pattern)
+        if any(not 0 <= t < self.shape.vocab_size for t, _ in options.logit_bias):
             raise InvalidRequest(
                 "logit_bias", f"logit_bias token ids must be in [0, {self.shape.vocab_size})"
             )
         defaults = self.default_sampling
         sampling = SamplingParams(
-            defaults.temperature if temperature is None else temperature,
-            defaults.top_p if top_p is None else top_p,
-            defaults.top_k if top_k is None else top_k,
-            bias,
-            self._suppressed(multi if suppress is None else suppress),
+            defaults.temperature if options.temperature is None else options.temperature,
+            defaults.top_p if options.top_p is None else options.top_p,
+            defaults.top_k if options.top_k is None else options.top_k,
+            options.logit_bias,
+            self._suppressed(multi if options.suppress is None else options.suppress),
         )
         sampling.validate()
         if not prompt:
             raise InvalidRequest("prompt", "prompt must not be empty")
         if len(self.queue) >= self.options.max_queued_jobs:
             raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
-        stops = tuple([stop] if isinstance(stop, str) else stop or ())
-        if not all(isinstance(s, str) and s for s in stops):
-            raise InvalidRequest("stop", "stop must be a non-empty string or a list of them")
-        opts = JobOptions(
-            workers=workers,
-            layout=layout,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            seed=seed,
-            quick_check_every=quick_check_every,
-            finisher=finisher,
-            finisher_tokens=finisher_tokens,
-            checkpoints=budgets,
-            answer_pattern=rule,
+        resolved = replace(
+            options,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
             instructions=preset,
-            stop=stops,
-            trace=trace,
+            answer_pattern=rule,
         )
-        ids = self.prompt_ids(prompt, workers, layout, preset)
+        ids = self.prompt_ids(prompt, options.workers, options.layout, preset)
         if len(ids) < 2:
             raise InvalidRequest("prompt", "prompt must be at least two tokens long")
         job = Job(
             job_id or f"job-{uuid.uuid4().hex[:12]}",
             ids,
-            opts,
+            resolved,
+            sampling,
             self.tokenizer,
             self.encode,
             self.eos_ids,
@@ -288,9 +240,9 @@ class Engine:
         if job.max_total_tokens > self.shape.max_positions:
             raise PromptTooLong(
                 "prompt",
-                f"prompt too long: {len(ids)} prompt tokens plus {workers} workers x up to {job.token_cap} "
-                f"tokens exceed the model's {self.shape.max_positions} positions; shorten the prompt or "
-                "lower max_tokens or workers",
+                f"prompt too long: {len(ids)} prompt tokens plus {options.workers} workers x up to "
+                f"{job.token_cap} tokens exceed the model's {self.shape.max_positions} positions; "
+                "shorten the prompt or lower max_tokens or workers",
             )
         pages = job.pages_needed(self.pool)
         if pages > self.pool.num_pages:
@@ -303,16 +255,12 @@ class Engine:
         self.queue.append(job)
         return job
 
-    def _suppressed(self, suppress: bool | list[str]) -> tuple[int, ...]:
+    def _suppressed(self, suppress: bool | tuple[str, ...]) -> tuple[int, ...]:
         """The ids a job never samples: the format guards for ``True``, tokens holding any of the
         strings of a list."""
         if isinstance(suppress, bool):
             return tuple(sorted(self.guards)) if suppress else ()
-        if not isinstance(suppress, list) or not all(isinstance(x, str) and x for x in suppress):
-            raise InvalidRequest("suppress", "suppress must be true, false or a list of non-empty strings")
-        if len(suppress) > 256:
-            raise InvalidRequest("suppress", "suppress takes at most 256 strings")
-        return tuple(sorted(self.token_ids_containing(tuple(suppress))))
+        return tuple(sorted(self.token_ids_containing(suppress)))
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; its pages are free when this returns."""

@@ -27,6 +27,7 @@ from engine.collab import (
 )
 from engine.events import Event
 from engine.model_runner import Row
+from engine.protocol import JobOptions
 from engine.sampling import SamplingParams
 from engine.trace import Rollover, TraceRow, TraceStep
 
@@ -50,23 +51,6 @@ class Detokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         return full[len(prefix) :]
-
-
-@dataclass
-class JobOptions:
-    workers: int = 2
-    layout: str = "combined"
-    max_tokens: int = 512
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
-    quick_check_every: int = 1024
-    finisher: bool = True
-    finisher_tokens: int = 16
-    checkpoints: tuple[int, ...] = ()  # generated tokens per worker at which to read off an answer
-    answer_pattern: str | None = None  # a regex with one group; None: the rightmost \boxed{}
-    instructions: str = "none"  # the preset the prompt was built with
-    stop: tuple[str, ...] = ()
-    trace: bool = False
 
 
 @dataclass
@@ -111,6 +95,7 @@ class Job:
         job_id: str,
         prompt_ids: list[int],
         options: JobOptions,
+        sampling: SamplingParams,
         tokenizer: Any,
         encode: Any,
         eos_ids: set[int],
@@ -120,7 +105,8 @@ class Job:
         """``brackets``: the ids that open a ``[``, banned after a forged header's name."""
         self.id = job_id
         self.brackets = brackets
-        self.options = options
+        self.options = options  # as the engine resolved them: sampling filled in, the preset named
+        self.sampling = sampling
         self.layout = Layout(options.layout, options.workers)
         self.tokenizer, self.encode, self.eos_ids = tokenizer, encode, eos_ids
         self.prompt_ids = prompt_ids
@@ -146,7 +132,7 @@ class Job:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.generator: torch.Generator | None = None
-        if not options.sampling.greedy:
+        if not self.sampling.greedy:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(
                 options.seed if options.seed is not None else int(torch.randint(2**62, ()).item())
@@ -292,7 +278,7 @@ class Job:
     @property
     def resolved_options(self) -> dict[str, Any]:
         """The options as the engine filled them in: what the job object shows as used."""
-        sampling = self.options.sampling
+        sampling = self.sampling
         return {
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -348,13 +334,13 @@ class Job:
     def sampling_for(self, key: int) -> tuple[SamplingParams, torch.Generator | None]:
         """The finisher decodes greedily whatever the job samples (with the job's bans and biases)."""
         if key < -1:
-            return replace(self.options.sampling, temperature=0.0), None
-        return self.options.sampling, self.generator
+            return replace(self.sampling, temperature=0.0), None
+        return self.sampling, self.generator
 
     def row_bans(self, key: int) -> tuple[int, ...]:
         """What the row may not sample on top of the job's suppressed ids: a bracket, when its text ends
         like a forged step header."""
-        if key < 0 or self.guard is None or not self.options.sampling.suppress:
+        if key < 0 or self.guard is None or not self.sampling.suppress:
             return ()
         return self.brackets if self.guard.search(self.workers[key].step_text[-40:]) else ()
 
@@ -396,7 +382,7 @@ class Job:
     def record(self, rows: list[tuple[int, Row]]) -> TraceStep | None:
         if not self.options.trace:
             return None
-        suppress = self.options.sampling.suppress
+        suppress = self.sampling.suppress
         step = TraceStep(
             [
                 TraceRow(

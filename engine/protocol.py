@@ -19,11 +19,15 @@ Engine to front end:
 
 from __future__ import annotations
 
+import argparse
+import math
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
+
+from engine.errors import InvalidRequest
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -56,6 +60,201 @@ class EngineOptions:
     fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
     presets: str | None = None  # a JSON file of extra instruction presets (engine/prompts.py)
     prefix_cache: bool = True  # share the K/V of full prompt pages across jobs (engine/block_manager.py)
+
+
+LAYOUTS = ("combined", "interleaved", "contiguous", "plain")
+MAX_LIST = 256  # entries in a list option (stop strings, suppressed strings, biased tokens)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Every per-job option, once. ``Engine.submit`` takes them as keywords, ``POST /v1/jobs`` as body
+    fields (server/schemas.py is checked against this class by a test), the command lines as flags.
+    ``None`` leaves the choice to the engine: sampling from the model's generation config, the full
+    instructions and the format guards for several workers, none for one. ``parse`` checks what needs
+    no model (types, counts, ranges but the engine's limits); the engine checks the rest (presets, the
+    vocabulary, the answer pattern) and its limits, naming the field each time."""
+
+    workers: int = field(default=2, metadata={"help": "workers solving the problem together"})
+    layout: str = field(default="combined", metadata={"help": f"one of {', '.join(LAYOUTS)}"})
+    max_tokens: int = field(default=512, metadata={"help": "tokens each worker may generate"})
+    temperature: float | None = field(default=None, metadata={"help": "0 is greedy"})
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = field(default=None, metadata={"help": "makes a sampled job reproducible"})
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "strings that stop a worker"})
+    logit_bias: tuple[tuple[int, float], ...] = field(
+        default=(), metadata={"help": "token id -> added logit in [-100, 100], as OpenAI's"}
+    )
+    quick_check_every: int = field(
+        default=1024, metadata={"help": "tokens between 'am I doing redundant work?' checks; 0: never"}
+    )
+    finisher: bool = field(default=True, metadata={"help": "ask for a boxed answer when the workers stop"})
+    finisher_tokens: int = field(default=16, metadata={"help": "tokens the finisher may write"})
+    checkpoints: tuple[int, ...] = field(
+        default=(), metadata={"help": "budgets (tokens per worker) at which to read off an answer"}
+    )
+    instructions: str | None = field(default=None, metadata={"help": "preset: full, short, none or loaded"})
+    suppress: bool | tuple[str, ...] | None = field(
+        default=None, metadata={"help": "the format guards (true/false), or strings never to sample"}
+    )
+    answer_pattern: str | None = field(
+        default=None, metadata={"help": "a regex with one group (default: the rightmost \\boxed{})"}
+    )
+    trace: bool = field(default=False, metadata={"help": "record the job for the oracle (engine only)"})
+
+    @classmethod
+    def parse(cls, params: dict[str, Any]) -> JobOptions:
+        """The options from plain data (keywords, a decoded message): lists become tuples, a lone stop
+        string a tuple of one, ``logit_bias`` a sorted tuple of pairs; InvalidRequest names the field."""
+        known = {f.name for f in fields(cls)}
+        for name in params:
+            if name not in known:
+                raise InvalidRequest(name, f"unknown option {name!r}")
+        values = {k: v for k, v in params.items() if v is not None}
+        stop = values.get("stop", ())
+        values["stop"] = _strings("stop", [stop] if isinstance(stop, str) else stop)
+        if isinstance(values.get("suppress"), (list, tuple)):
+            values["suppress"] = _strings("suppress", values["suppress"])
+        values["checkpoints"] = tuple(_sequence("checkpoints", values.get("checkpoints", ()), 64))
+        values["logit_bias"] = _bias(values.get("logit_bias", ()))
+        options = cls(**values)
+        options._check_types()
+        return options
+
+    def _check_types(self) -> None:
+        def whole(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            if value is None or (_is_int(value) and low <= value and (high is None or value <= high)):
+                return
+            bound = f">= {low}" if high is None else f"between {low} and {high}"
+            raise InvalidRequest(name, f"{name} must be an integer {bound}")
+
+        whole("workers", 1)
+        whole("max_tokens", 1)
+        whole("quick_check_every", 0)
+        whole("finisher_tokens", 1, 1024)
+        whole("top_k", 0)
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise InvalidRequest("seed", "seed must be an integer in [-2**63, 2**64)")
+        if self.layout not in LAYOUTS:
+            raise InvalidRequest("layout", f"layout must be one of {', '.join(LAYOUTS)}")
+        if self.layout == "plain" and self.workers != 1:
+            raise InvalidRequest("workers", "the plain layout is one ordinary sequence: workers must be 1")
+        if self.temperature is not None and (
+            not _is_number(self.temperature) or not 0 <= self.temperature < math.inf
+        ):
+            raise InvalidRequest("temperature", "temperature must be a finite number >= 0")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise InvalidRequest("top_p", "top_p must be in (0, 1]")
+        if any(not _is_int(b) or not 1 <= b <= self.max_tokens for b in self.checkpoints):
+            raise InvalidRequest("checkpoints", "checkpoints must be at most 64 budgets in [1, max_tokens]")
+        for name in ("finisher", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(name, f"{name} must be true or false")
+        for name in ("instructions", "answer_pattern"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequest(name, f"{name} must be a string")
+
+    def within(self, max_workers: int, max_tokens: int) -> None:
+        """The engine's limits, named."""
+        if self.workers > max_workers:
+            raise InvalidRequest("workers", f"workers must be between 1 and {max_workers}")
+        if self.max_tokens > max_tokens:
+            raise InvalidRequest("max_tokens", f"max_tokens must be between 1 and {max_tokens}")
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every job option but ``trace`` (``--max-tokens 64``, ``--stop X --stop Y``,
+    ``--logit-bias ID=BIAS``, ``--finisher false`` or ``--no-finisher``), all defaulting to None: what a
+    command line leaves out stays the engine's default."""
+    for f in fields(JobOptions):
+        if f.name == "trace":
+            continue
+        flag, kind, help = "--" + f.name.replace("_", "-"), str(f.type), f.metadata.get("help")
+        if f.name == "suppress":
+            parser.add_argument(flag, action="append", metavar="TEXT", help=f"{help} (repeatable)")
+            parser.add_argument("--no-suppress", dest=f.name, action="store_const", const=False)
+        elif f.name == "logit_bias":
+            parser.add_argument(flag, action="append", type=_bias_flag, metavar="ID=BIAS", help=help)
+        elif kind == "bool":
+            parser.add_argument(flag, type=parse_bool, metavar="true|false", help=help)
+            parser.add_argument(
+                "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False
+            )
+        elif kind.startswith("tuple[str"):
+            parser.add_argument(flag, action="append", metavar="TEXT", help=f"{help} (repeatable)")
+        elif kind.startswith("tuple[int"):
+            parser.add_argument(flag, type=int, nargs="+", help=help)
+        else:
+            number = int if kind.startswith("int") else float if kind.startswith("float") else str
+            choices = LAYOUTS if f.name == "layout" else None
+            parser.add_argument(flag, type=number, choices=choices, help=help)
+
+
+def job_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The job options a command line was given, as JSON-ready keywords (``logit_bias`` keyed by id)."""
+    params = {f.name: getattr(args, f.name, None) for f in fields(JobOptions)}
+    if params["logit_bias"]:
+        params["logit_bias"] = {str(token): bias for token, bias in params["logit_bias"]}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _bias_flag(text: str) -> tuple[int, float]:
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS, not {text!r}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sequence(name: str, value: Any, most: int = MAX_LIST) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest(name, f"{name} must be a list")
+    if len(value) > most:
+        raise InvalidRequest(name, f"{name} takes at most {most} entries")
+    return list(value)
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    items = _sequence(name, value)
+    if not all(isinstance(x, str) and x for x in items):
+        raise InvalidRequest(name, f"{name} must be a non-empty string or a list of them")
+    return tuple(items)
+
+
+def _bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` (ids as JSON's string keys or ints) or pairs, to sorted (int, float) pairs."""
+    pairs = list(value.items()) if isinstance(value, dict) else _sequence("logit_bias", value)
+    if len(pairs) > MAX_LIST:
+        raise InvalidRequest("logit_bias", f"logit_bias takes at most {MAX_LIST} entries")
+    out = {}
+    for pair in pairs:
+        try:
+            token, bias = pair
+            token = int(token) if not isinstance(token, bool) else None
+        except (TypeError, ValueError):
+            token = None
+        if token is None or not _is_number(bias) or not -100 <= bias <= 100:
+            raise InvalidRequest("logit_bias", "logit_bias maps token ids to numbers between -100 and 100")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Nia")

@@ -26,7 +26,7 @@ from engine import protocol
 from engine.engine import DTYPES, Engine
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.loader import DEFAULT_NAME
-from engine.protocol import EngineOptions, parse_address
+from engine.protocol import EngineOptions, parse_address, parse_bool
 
 log = logging.getLogger("hogwild.engine")
 
@@ -143,8 +143,6 @@ class EngineService:
             return {"ok": False, "code": protocol.SHUTTING_DOWN, "error": "the engine is shutting down"}
         params = dict(message.get("params") or {})
         try:
-            if params.get("logit_bias"):
-                params["logit_bias"] = {int(k): float(v) for k, v in params["logit_bias"].items()}
             job = self.engine.submit(job_id=message.get("job_id"), **params)
         except QueueFullError as exc:
             return {"ok": False, "code": protocol.QUEUE_FULL, "error": str(exc)}
@@ -220,14 +218,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EngineOptions):
         kind = kinds.get(str(f.type), int)  # annotations are strings here (PEP 563)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,8 @@ class Message(BaseModel):
 
 
 class HogwildOptions(BaseModel):
-    """How the workers collaborate and sample: shared by the jobs API and the OpenAI route."""
+    """How the workers collaborate and sample: shared by the jobs API and the OpenAI route. The fields are
+    engine.protocol.JobOptions' (a test holds them equal); this adds only HTTP's types and bounds."""
 
     model_config = ConfigDict(allow_inf_nan=False)
 
@@ -29,7 +30,9 @@ class HogwildOptions(BaseModel):
     top_p: float | None = None
     top_k: int | None = Field(None, ge=0, le=INT32)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, max_length=256)
+    # OpenAI's: token ids (as strings) to a bias in [-100, 100]; the engine checks ids and values.
+    logit_bias: dict[str, float] | None = Field(None, max_length=256)
     quick_check_every: int = Field(1024, ge=0, le=INT32)
     finisher: bool = True
     finisher_tokens: int = Field(16, ge=1, le=INT32)

@@ -218,7 +218,7 @@ def compare(model: Any, job: Any, oracle: Oracle | None = None, variant: Variant
     against a wrong ``variant`` of it."""
     oracle = oracle or Oracle(model)
     trace: list[TraceStep] = job.trace
-    params = job.options.sampling
+    params = job.sampling
     sampled_job = params.temperature > 0 and params.top_k != 1
     exact = oracle.logits(trace, variant)
     result = Comparison(dtype=str(model.dtype).removeprefix("torch."))

@@ -16,8 +16,9 @@ import torch
 
 import engine.engine as engine_module
 from engine import Engine
-from engine.collab import LAYOUTS, AnswerRule, Layout, worker_name
+from engine.collab import AnswerRule, Layout
 from engine.prompts import BUILTIN, load_presets
+from engine.protocol import LAYOUTS, worker_name
 from tests.models import tiny_model
 
 
@@ -241,4 +242,4 @@ def test_sampling_defaults_come_from_the_model(tok: Any) -> None:
         "instructions": "full",
         "suppressed_tokens": len(eng.guards),
     }
-    assert eng.submit("q", workers=2, max_tokens=4, temperature=0).options.sampling.greedy
+    assert eng.submit("q", workers=2, max_tokens=4, temperature=0).sampling.greedy

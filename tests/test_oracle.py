@@ -158,7 +158,7 @@ def test_sampled_jobs_redraw_the_same_tokens(
     assert result.draws >= 8 * workers and result.draws_equal >= result.draws - result.near_boundary
     assert result.greedy >= 2  # the finisher decodes greedily
 
-    p = job.options.sampling
+    p = job.sampling
     rows = [
         (row, ref)
         for step, step_refs in zip(job.trace, oracle.logits(job.trace), strict=True)

@@ -15,7 +15,8 @@ import httpx
 import openai
 import pytest
 
-from engine.protocol import EngineOptions
+from engine.protocol import EngineOptions, JobOptions
+from server.schemas import ChatRequest, JobRequest
 from server.settings import Settings
 from tests.server_process import API_KEY, ServerProcess, running_server
 
@@ -339,6 +340,42 @@ def test_sigterm_ends_open_streams_with_done_and_exits(tiny_model_dir: Path, tmp
         # uvicorn re-raises the signal it caught once it has shut down, so the exit reads as SIGTERM.
         assert server.process.wait(timeout=WAIT_S) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in server.log.read_text()
+
+
+def test_every_job_option_is_a_field_of_both_request_bodies() -> None:
+    """A job option is added once, in JobOptions: both routes take exactly those (trace is the engine's),
+    with the same defaults."""
+    options = {f.name for f in dataclasses.fields(JobOptions)} - {"trace"}
+    jobs = set(JobRequest.model_fields) - {"prompt", "messages", "stream", "detach"}
+    chat = set(ChatRequest.model_fields) - {"model", "messages", "max_completion_tokens", "n", "stream"}
+    assert jobs == options
+    assert chat - {"stream_options"} == options
+    defaults = JobOptions()
+    for name in options:
+        given = JobRequest.model_fields[name].default
+        assert given is None or given == getattr(defaults, name), name
+
+
+def test_logit_bias_works_on_both_routes(http: httpx.Client, server: ServerProcess, tok: Any) -> None:
+    """OpenAI's semantics: +100 makes a token certain, on the jobs API and on the chat route alike."""
+    token = tok.encode(" hello", add_special_tokens=False)[0]
+    job = submit(http, workers=1, max_tokens=3, finisher=False, logit_bias={str(token): 100})
+    wait_for(http, job["id"], ("finished",))
+    ids = [ev["data"]["token_id"] for ev in events_of(http, job["id"]) if ev["event"] == "token"]
+    assert ids[-3:] == [token] * 3, ids
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": "Say anything."}],
+        max_tokens=2,
+        logit_bias={str(token): 100},
+        extra_body={"workers": 1, "finisher": False},
+    )
+    text = (reply.choices[0].message.model_extra or {})["reasoning_content"]
+    assert text.endswith(tok.decode([token, token]).strip()), text
+    for bad in ({"x": 1}, {str(token): 101}, {"-1": 1}):
+        r = http.post("/v1/jobs", json={"prompt": "Hi", "logit_bias": bad})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "logit_bias", (bad, r.text)
 
 
 def test_every_engine_option_is_a_server_setting() -> None:
