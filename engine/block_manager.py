@@ -186,6 +186,10 @@ class Block:
         self.pages.extend(pages)
         self._slots = None
 
+    def clear(self) -> None:
+        """Empty it, once its pages have gone back one by one (a step moved into common)."""
+        self.tokens, self.pages, self._slots = [], [], None
+
     def release(self, pool: PagePool, holder: PageHolder) -> None:
         """Return the pages but keep the token ids, so an ended job's views can still be read."""
         holder.give_back(pool, self.pages)

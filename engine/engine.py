@@ -333,7 +333,10 @@ class Engine:
             if job.options.trace:
                 traced = dict(zip(wanted, zip(logits[span], uniforms[span], strict=True), strict=True))
             try:
-                events += job.absorb(rows, picked, self.runner, self.pool, traced)
+                events += job.absorb(rows, picked, self.pool, traced)
+                for move in job.moves:  # the job decided; the cache is the engine's to change
+                    self.runner.roll_over(job.blocks[move.block], job.blocks[move.into], job.holder)
+                job.moves.clear()
             except Exception as exc:
                 events += self._fail(job, exc)
             if job.ended:

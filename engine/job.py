@@ -147,6 +147,7 @@ class Job:
         self.published = 0  # of those pages, how many were offered to the cache
         self.cached_tokens = 0  # prompt tokens read from the cache instead of computed
         self.opening: list[Event] = []  # the openers' events, sent with the step that writes them
+        self.moves: list[Rollover] = []  # finished steps whose K/V the engine moves into common next
         for name, text in self.layout.static_blocks():
             self.blocks[name] = Block(name)
             self.static.append((name, encode(text)))
@@ -402,7 +403,6 @@ class Job:
         self,
         rows: list[tuple[int, Row]],
         sampled: dict[int, int],
-        runner: Any,
         pool: PagePool,
         traced: dict[int, tuple[torch.Tensor, float | None]] | None = None,
     ) -> list[Event]:
@@ -427,7 +427,7 @@ class Job:
             w.pending = []
             if w.rollover_after:
                 w.rollover_after = False
-                events += self._rollover(w, runner, pool, trace)
+                events += self._rollover(w, trace)
                 continue
             if key in sampled:
                 events += self._accept(w, sampled[key])
@@ -495,20 +495,13 @@ class Job:
         w.done, w.finish_reason, w.pending = True, reason, []
         return []
 
-    def _rollover(self, w: Worker, runner: Any, pool: PagePool, trace: TraceStep | None) -> list[Event]:
-        """Move the finished step into common, page by page, re-rotating its keys once."""
-        common, step = self.blocks["common"], w.block
-        length = len(step)
-        for i in range(0, length, pool.page_size):
-            ids = step.tokens[i : i + pool.page_size]
-            src = step.slots(pool, i, i + len(ids))
-            shift = len(common) - i
-            dst = common.extend(pool, ids, self.holder)
-            runner.move(src, dst, shift)
-            self.holder.give_back(pool, [step.pages[i // pool.page_size]])
-        step.tokens, step.pages, step._slots = [], [], None  # its pages went back one by one above
+    def _rollover(self, w: Worker, trace: TraceStep | None) -> list[Event]:
+        """The finished step joins common: the engine moves its K/V after this step (``moves``); the
+        worker starts its next step with a header."""
+        move = Rollover(w.index, w.block.name, "common", len(w.block))
+        self.moves.append(move)
         if trace is not None:
-            trace.rollovers.append(Rollover(w.index, step.name, "common", length))
+            trace.rollovers.append(move)
         self.history.append({"worker": w.index, "name": w.name, "step": w.step, "text": w.step_text})
         events = [self.event("step", worker=w.index, text=w.step_text, data={"step": w.step})]
         w.step += 1
@@ -553,7 +546,7 @@ class Job:
             answer = self.rule.find(ANSWER_PREFIX + branch.text + "}")
         del self.branches[branch.key]
         branch.block.release(pool, self.holder)
-        branch.block.tokens = []
+        branch.block.clear()
         if not final:
             return events + self._checkpoint(branch.budget, answer, branch.tokens_at)
         if self.options.finisher:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.block_manager import Block, PagePool
+from engine.block_manager import Block, PageHolder, PagePool
 from engine.layers.attention import ATTENTION_BACKENDS, Attention, RowSpec
 from engine.layers.kernel_plan import FusedAttention, KernelPlan, PlanSize
 from engine.layers.ops import CpuOps, TorchOps, triton_ops
@@ -214,6 +214,18 @@ class ModelRunner:
         return self.model(batch.ids, step)[batch.last]
 
     @torch.inference_mode()
+    def roll_over(self, step: Block, into: Block, holder: PageHolder) -> None:
+        """Append a finished step's K/V to ``into`` (common), page by page, re-rotating its keys once: each
+        source page goes back right after it is copied, so a move needs one spare page, not a step's."""
+        pool = self.pool
+        for i in range(0, len(step), pool.page_size):
+            ids = step.tokens[i : i + pool.page_size]
+            src = step.slots(pool, i, i + len(ids))
+            shift = len(into) - i
+            self.move(src, into.extend(pool, ids, holder), shift)
+            holder.give_back(pool, [step.pages[i // pool.page_size]])
+        step.clear()
+
     def move(self, src: torch.Tensor, dst: torch.Tensor, shift: int) -> None:
         """Copy K/V from slots src to dst (host tensors) in every layer, rotating keys by ``shift``
         positions."""
