@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import common, models
-from engine.layers.attention import ATTENTION_BACKENDS, RowSpec
+from engine.layers.backends import ATTENTION_BACKENDS
 from engine.layers.rotary import Rotary
+from engine.layers.rows import RowSpec
 
 HEADER_TOKENS = 8
 PAGE_SIZE = 16

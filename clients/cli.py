@@ -21,11 +21,10 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.client import Event, HogwildClient, HogwildError
-from engine.protocol import add_job_flags, job_params
+from engine.protocol import ENDED, add_job_flags, job_params
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 COMMANDS = ("jobs", "get", "cancel")
-ENDED = ("finished", "cancelled", "failed")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

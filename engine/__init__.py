@@ -12,15 +12,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.engine import Engine
     from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
-    from engine.events import Event
     from engine.job import Job
     from engine.layers.rotary import UnsupportedModelError
-    from engine.protocol import EngineOptions
+    from engine.protocol import EngineOptions, Event
 
 _WHERE = {
     "Engine": "engine.engine",
     "EngineOptions": "engine.protocol",
-    "Event": "engine.events",
+    "Event": "engine.protocol",
     "InvalidRequest": "engine.errors",
     "Job": "engine.job",
     "PromptTooLong": "engine.errors",

@@ -12,8 +12,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from engine.engine import DTYPES, Engine
-from engine.events import Event
-from engine.protocol import add_job_flags, job_params
+from engine.protocol import Event, add_job_flags, job_params
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
@@ -61,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def handle(ev: Event) -> None:
         nonlocal done
-        if ev.type == "token" and ev.worker is not None:
-            texts[ev.worker] += ev.text
-        elif ev.type == "step" and args.view == "stream" and ev.worker is not None:
-            color = COLORS[ev.worker % len(COLORS)]
-            console.print(Text(ev.text.rstrip(), style=color))
+        if ev.type == "token":
+            texts[ev.data["worker"]] += ev.data["text"]
+        elif ev.type == "step" and args.view == "stream":
+            color = COLORS[ev.data["worker"] % len(COLORS)]
+            console.print(Text(ev.data["text"].rstrip(), style=color))
         elif ev.type == "done":
             done = ev
 

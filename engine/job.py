@@ -25,9 +25,22 @@ from engine.collab import (
     step_header,
     worker_name,
 )
-from engine.events import Event
 from engine.model_runner import Row
-from engine.protocol import JobOptions
+from engine.protocol import (
+    ENDED,
+    Checkpoint,
+    Done,
+    Error,
+    Event,
+    Final,
+    JobOptions,
+    Payload,
+    QuickCheck,
+    Step,
+    Token,
+    history_entry,
+    usage,
+)
 from engine.sampling import SamplingParams
 from engine.trace import Rollover, TraceRow, TraceStep
 
@@ -249,8 +262,8 @@ class Job:
 
     # -- events -------------------------------------------------------------------------------------
 
-    def event(self, type: str, **fields: Any) -> Event:
-        ev = Event(type, self.id, self.seq, **fields)
+    def event(self, payload: Payload) -> Event:
+        ev = Event.of(self.id, self.seq, payload)
         self.seq += 1
         return ev
 
@@ -266,15 +279,13 @@ class Job:
 
     @property
     def usage(self) -> dict[str, int]:
-        generated = sum(w.generated for w in self.workers)
-        return {
-            "prompt_tokens": len(self.prompt_ids),
-            "cached_tokens": self.cached_tokens,
-            "completion_tokens": generated + self.finisher_tokens,
-            "forced_tokens": sum(w.forced for w in self.workers),
-            "checkpoint_tokens": self.branch_tokens,
-            "total_tokens": len(self.prompt_ids) + generated + self.finisher_tokens,
-        }
+        return usage(
+            len(self.prompt_ids),
+            sum(w.generated for w in self.workers) + self.finisher_tokens,
+            sum(w.forced for w in self.workers),
+            self.cached_tokens,
+            self.branch_tokens,
+        )
 
     @property
     def resolved_options(self) -> dict[str, Any]:
@@ -370,13 +381,12 @@ class Job:
         """Whether the worker may write ``tokens`` more: the cap that ``max_total_tokens`` is built on."""
         return w.written + tokens <= self.token_cap
 
-    def _token_event(self, w: Worker, token: int, forced: bool, **data: Any) -> Event:
+    def _token_event(self, w: Worker, token: int, forced: bool, finisher: bool = False) -> Event:
         piece = w.detok.push(token)
         w.text += piece
         w.step_text += piece
-        return self.event(
-            "token", worker=w.index, token_id=token, text=piece, forced=forced, data={"step": w.step, **data}
-        )
+        index = len(w.detok.tokens) - 1
+        return self.event(Token(w.index, piece, token, index, w.step, forced, finisher))
 
     # -- after the forward pass ---------------------------------------------------------------------
 
@@ -467,7 +477,7 @@ class Job:
         if token in self.eos_ids:
             return self._stop_worker(w, "stop")
         events = [self._token_event(w, token, forced=False)]
-        piece = events[0].text
+        piece = events[0].data["text"]
         longest = max((len(s) for s in self.options.stop), default=0)
         if longest and any(s in w.text[-(longest + len(piece)) :] for s in self.options.stop):
             return events + self._stop_worker(w, "stop")
@@ -502,14 +512,15 @@ class Job:
         self.moves.append(move)
         if trace is not None:
             trace.rollovers.append(move)
-        self.history.append({"worker": w.index, "name": w.name, "step": w.step, "text": w.step_text})
-        events = [self.event("step", worker=w.index, text=w.step_text, data={"step": w.step})]
+        done = self.event(Step(w.index, w.step, w.step_text))
+        self.history.append(history_entry(done.data))
+        events = [done]
         w.step += 1
         w.step_text = ""
         header = self.encode(step_header(w.index, w.step))
         if self.check_pending:
             self.check_pending, self.since_check = False, 0
-            events.append(self.event("quick_check", worker=w.index, data={"step": w.step}))
+            events.append(self.event(QuickCheck(w.index, w.step)))
             header += self.encode(QUICK_CHECK)
         return events + self._force(w, header)
 
@@ -547,16 +558,16 @@ class Job:
         del self.branches[branch.key]
         branch.block.release(pool, self.holder)
         branch.block.clear()
-        if not final:
+        if branch.budget is not FINAL:
             return events + self._checkpoint(branch.budget, answer, branch.tokens_at)
         if self.options.finisher:
             self.answer = answer
         return events + self._done(self.finish_reason or "length", answer)
 
-    def _checkpoint(self, budget: int | None, answer: str | None, tokens: int) -> list[Event]:
-        record = {"budget": budget, "answer": answer, "tokens": tokens}
-        self.checkpoints.append(record)
-        return [self.event("checkpoint", data=record)]
+    def _checkpoint(self, budget: int, answer: str | None, tokens: int) -> list[Event]:
+        ev = self.event(Checkpoint(budget, answer, tokens))
+        self.checkpoints.append(ev.data)
+        return [ev]
 
     def _done(self, reason: str, last: str | None = None) -> list[Event]:
         """End the job. Checkpoints it never reached (it answered, or its workers stopped) read what it
@@ -573,12 +584,12 @@ class Job:
                 events += self._checkpoint(budget, last if last is not None else self.answer, tokens)
             self.due = []
         if self.answer is not None:
-            events.append(self.event("final", text=self.answer))
-        events.append(self.event("done", data={"finish_reason": reason, "usage": self.usage}))
+            events.append(self.event(Final(self.answer)))
+        events.append(self.event(Done(reason, self.usage)))
         return events
 
     def cancel(self) -> list[Event]:
-        if self.status in ("finished", "cancelled", "failed"):
+        if self.status in ENDED:
             return []
         events = self._done("cancelled")
         self.status = "cancelled"
@@ -590,10 +601,10 @@ class Job:
         for w in self.workers:
             w.done, w.pending = True, []
         return [
-            self.event("error", text=message),
-            self.event("done", data={"finish_reason": "error", "usage": self.usage}),
+            self.event(Error(message)),
+            self.event(Done("error", self.usage)),
         ]
 
     @property
     def ended(self) -> bool:
-        return self.status in ("finished", "cancelled", "failed")
+        return self.status in ENDED

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import socket
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -271,6 +271,125 @@ def parse_address(address: str) -> tuple[int, Any]:
         host, _, port = address.rpartition(":")
         return socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
     return socket.AF_UNIX, address
+
+
+# -- a job's events: the SSE frames' data, field for field -------------------------------------------
+
+STATUSES = ("queued", "running", "finished", "cancelled", "failed")  # "queued" also while prefilled
+ENDED = ("finished", "cancelled", "failed")
+FINISH_REASONS = ("answer", "stop", "length", "cancelled", "error")
+STATUS_OF_REASON = {"cancelled": "cancelled", "error": "failed"}  # any other reason: finished
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token entering a worker's text. ``index`` counts the worker's tokens from 0; ``forced`` marks text
+    the engine wrote for it (openers, step headers, quick checks, the finisher's prompt); ``finisher`` the
+    final finisher's text, streamed as worker 0's."""
+
+    worker: int
+    text: str
+    token_id: int
+    index: int
+    step: int
+    forced: bool
+    finisher: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    """A worker finished a step; it joins the shared history."""
+
+    worker: int
+    step: int
+    text: str
+
+
+@dataclass(frozen=True)
+class QuickCheck:
+    worker: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The answer at a budget; ``tokens``: what all workers had generated when it was read."""
+
+    budget: int
+    answer: str | None
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Final:
+    answer: str
+
+
+@dataclass(frozen=True)
+class Error:
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """Always a job's last event."""
+
+    finish_reason: str
+    usage: dict[str, int]
+
+
+Payload = Token | Step | QuickCheck | Checkpoint | Final | Error | Done
+EVENT_TYPES = {
+    Token: "token",
+    Step: "step",
+    QuickCheck: "quick_check",
+    Checkpoint: "checkpoint",
+    Final: "final",
+    Error: "error",
+    Done: "done",
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a job, as the engine makes it, the wire carries it and the server sends it on:
+    ``seq`` numbers a job's events from 0 without gaps, ``data`` is the SSE frame's JSON (the fields of
+    one payload class above)."""
+
+    job_id: str
+    seq: int
+    type: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, job_id: str, seq: int, payload: Payload) -> Event:
+        return cls(job_id, seq, EVENT_TYPES[type(payload)], asdict(payload))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def usage(prompt: int, completion: int, forced: int, cached: int = 0, checkpoints: int = 0) -> dict[str, int]:
+    """A job's token counts: ``completion`` is what workers and the final finisher generated; ``forced``
+    what the engine wrote for them; ``checkpoints`` what the checkpoint finishers generated (not output)."""
+    return {
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "completion_tokens": completion,
+        "forced_tokens": forced,
+        "checkpoint_tokens": checkpoints,
+        "total_tokens": prompt + completion,
+    }
+
+
+def history_entry(step: dict[str, Any]) -> dict[str, Any]:
+    """What a job's ``history`` lists of a finished step (a Step event's data)."""
+    return {
+        "worker": step["worker"],
+        "name": worker_name(step["worker"]),
+        "step": step["step"],
+        "text": step["text"],
+    }
 
 
 def pack(message: dict[str, Any]) -> bytes:

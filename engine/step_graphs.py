@@ -23,11 +23,15 @@ where CUDA graphs do not exist.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.layers.kernel_plan import KernelPlan, PlanSize
-from engine.model_runner import ModelRunner, Staging, StepBatch
+from engine.step_batch import Staging, StepBatch
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Sizes a first capture holds at least, so that a young job's growth does not re-capture at every step.

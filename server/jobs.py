@@ -13,15 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-ENDED = ("finished", "cancelled", "failed")
-STATUS_BY_REASON = {"cancelled": "cancelled", "error": "failed"}
-
-
-@dataclass
-class SseEvent:
-    seq: int
-    type: str
-    data: dict[str, Any]
+from engine.protocol import ENDED, STATUS_OF_REASON, Done, Error, Event, history_entry, usage
 
 
 @dataclass
@@ -52,62 +44,45 @@ class JobRecord:
     created: float = field(default_factory=time.time)
     first_token: float | None = None
     finished: float | None = None
-    events: list[SseEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def ended(self) -> bool:
         return self.status in ENDED
 
-    def apply(self, ev: dict[str, Any]) -> SseEvent:
-        """Fold one engine event into the record and return it as the stream sends it."""
-        kind, data = ev["type"], ev.get("data") or {}
+    def apply(self, message: dict[str, Any]) -> Event:
+        """Fold one of the engine's events into the record; it is stored, and streamed, as it came."""
+        ev = Event(**message)
+        data = ev.data
         if self.status == "queued":
             self.status = "running"
-        if kind == "token":
-            w = self.workers[ev["worker"]]
-            out = {
-                "worker": w.index,
-                "text": ev["text"],
-                "token_id": ev["token_id"],
-                "index": w.tokens,
-                "step": data.get("step", w.step),
-                "forced": ev["forced"],
-                "finisher": bool(data.get("finisher")),
-            }
-            w.text += ev["text"]
+        if ev.type == "token":
+            w = self.workers[data["worker"]]
+            w.text += data["text"]
             w.tokens += 1
-            if not ev["forced"]:
+            if not data["forced"]:
                 w.generated += 1
                 if self.first_token is None:
                     self.first_token = time.time()
-        elif kind == "step":
-            w = self.workers[ev["worker"]]
-            out = {"worker": w.index, "step": data["step"], "text": ev["text"]}
-            self.history.append({"worker": w.index, "name": w.name, "step": data["step"], "text": ev["text"]})
-            w.step = data["step"] + 1
-        elif kind == "quick_check":
-            out = {"worker": ev["worker"], "step": data.get("step")}
-        elif kind == "checkpoint":
-            out = {"budget": data["budget"], "answer": data["answer"], "tokens": data["tokens"]}
-            self.checkpoints.append(out)
-        elif kind == "final":
-            self.answer = ev["text"]
-            out = {"answer": ev["text"]}
-        elif kind == "error":
-            self.error = ev["text"]
-            out = {"message": ev["text"]}
-        else:  # done
+        elif ev.type == "step":
+            self.history.append(history_entry(data))
+            self.workers[data["worker"]].step = data["step"] + 1
+        elif ev.type == "checkpoint":
+            self.checkpoints.append(data)
+        elif ev.type == "final":
+            self.answer = data["answer"]
+        elif ev.type == "error":
+            self.error = data["message"]
+        elif ev.type == "done":
             self.finish_reason = data["finish_reason"]
-            self.usage = data.get("usage") or self.usage
-            self.status = STATUS_BY_REASON.get(self.finish_reason or "", "finished")
+            self.usage = data["usage"] or self.usage
+            self.status = STATUS_OF_REASON.get(self.finish_reason or "", "finished")
             self.finished = time.time()
             for w in self.workers:
                 w.finish_reason = w.finish_reason or self.finish_reason
-            out = {"finish_reason": self.finish_reason, "usage": self.usage}
-        sse = SseEvent(ev["seq"], kind, out)
-        self.events.append(sse)
-        return sse
+        self.events.append(ev)
+        return ev
 
     def notify(self) -> None:
         """Wake every stream waiting on this job; they wait on a fresh event from now on."""
@@ -122,7 +97,7 @@ class JobRecord:
             return False
         return True
 
-    async def follow(self, after: int = -1) -> AsyncIterator[SseEvent]:
+    async def follow(self, after: int = -1) -> AsyncIterator[Event]:
         """Events with seq > ``after``, live until the job ends."""
         index = max(after, -1) + 1
         while True:
@@ -136,12 +111,7 @@ class JobRecord:
 
     def usage_so_far(self) -> dict[str, int]:
         generated = sum(w.generated for w in self.workers)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": generated,
-            "forced_tokens": sum(w.tokens for w in self.workers) - generated,
-            "total_tokens": self.prompt_tokens + generated,
-        }
+        return usage(self.prompt_tokens, generated, sum(w.tokens for w in self.workers) - generated)
 
     def to_dict(self, model: str) -> dict[str, Any]:
         ttft = self.first_token - self.created if self.first_token else None
@@ -196,7 +166,7 @@ class JobStore:
     def fail_open(self, message: str) -> None:
         """The engine is gone: every open job ends with an error and a done, like the engine would."""
         for record in self.open():
-            seq, usage = len(record.events), record.usage_so_far()
-            record.apply({"type": "error", "seq": seq, "text": message})
-            record.apply({"type": "done", "seq": seq + 1, "data": {"finish_reason": "error", "usage": usage}})
+            seq, so_far = len(record.events), record.usage_so_far()
+            record.apply(Event.of(record.id, seq, Error(message)).to_dict())
+            record.apply(Event.of(record.id, seq + 1, Done("error", so_far)).to_dict())
             record.notify()

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
-from engine.layers.attention import ReferenceAttention, RowSpec
+from engine.layers.attention import ReferenceAttention
 from engine.layers.rotary import Rotary
+from engine.layers.rows import RowSpec
 
 # (head_dim, heads, kv_heads, workers of each job, prefill row tokens)
 CASES = [

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from engine import Engine
-from engine.layers.attention import ATTENTION_BACKENDS, CpuAttention, resolve_attention
+from engine.layers.attention import CpuAttention
+from engine.layers.backends import ATTENTION_BACKENDS, resolve_attention
 from engine.layers.cpu_kernels import load_cpu_kernels
 from engine.layers.linear import KERNEL_MAX_ROWS, Linear
 from tests.attention_cases import CASES, compare, random_step

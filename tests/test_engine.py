@@ -9,8 +9,8 @@ import torch
 
 from engine import Engine, InvalidRequest, PromptTooLong, UnsupportedModelError
 from engine.collab import ends_step, find_boxed
-from engine.model_runner import Staging
 from engine.sampling import SamplingParams, draw
+from engine.step_batch import Staging
 from tests.models import tiny_model
 
 
@@ -157,10 +157,14 @@ def test_events_rebuild_every_worker_text_and_the_history(tok: Any) -> None:
     events = run(eng, [job])
     assert [e.seq for e in events] == list(range(len(events)))
     for w in job.workers:
-        assert "".join(e.text for e in events if e.type == "token" and e.worker == w.index) == w.text
+        tokens = [e.data for e in events if e.type == "token" and e.data["worker"] == w.index]
+        assert "".join(d["text"] for d in tokens) == w.text
+        assert [d["index"] for d in tokens] == list(range(len(tokens)))
     steps = [e for e in events if e.type == "step"]
     assert len(steps) >= 3
-    assert [(e.worker, e.text) for e in steps] == [(h["worker"], h["text"]) for h in job.history]
+    assert [(e.data["worker"], e.data["text"]) for e in steps] == [
+        (h["worker"], h["text"]) for h in job.history
+    ]
     assert any(e.type == "quick_check" for e in events)
     assert any("Quick check:" in w.text for w in job.workers)
     assert events[-1].type == "done" and events[-1].data["finish_reason"] == "length"

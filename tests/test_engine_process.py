@@ -212,7 +212,7 @@ def test_standalone_engine_over_loopback_tcp(tiny_model_dir: Path) -> None:
         await asyncio.wait_for(rec.ended["tcp-job"].wait(), 120)
         events = rec.events["tcp-job"]
         assert_gap_free(events)
-        assert {ev["worker"] for ev in events if ev["type"] == "token"} == {0, 1}
+        assert {ev["data"]["worker"] for ev in events if ev["type"] == "token"} == {0, 1}
         await client.close()
         await asyncio.wait_for(rec.exit.wait(), 30)
 

@@ -20,10 +20,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
 from engine import Engine
+from engine.layers.backends import triton_ops
 from engine.layers.cpu_kernels import load_cpu_kernels
-from engine.layers.ops import CpuOps, TorchOps, triton_ops
+from engine.layers.ops import CpuOps, TorchOps
 from engine.layers.rotary import Rotary
-from engine.models.llama import Attention, ModelShape, StepInputs
+from engine.models.llama import Attention, ModelShape
+from engine.models.step_inputs import StepInputs
 from tests.models import random_model
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

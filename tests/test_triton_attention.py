@@ -22,8 +22,8 @@ if not INTERPRET and not torch.cuda.is_available():
 
 import engine.step_graphs as step_graphs  # noqa: E402
 from engine import Engine  # noqa: E402
-from engine.layers import attention  # noqa: E402
-from engine.layers.attention import ATTENTION_BACKENDS, resolve_attention  # noqa: E402
+from engine.layers import backends  # noqa: E402
+from engine.layers.backends import ATTENTION_BACKENDS, resolve_attention  # noqa: E402
 from engine.layers.kernel_plan import CHUNK_STEP, PlanSize  # noqa: E402
 from engine.layers.triton_attention import TritonAttention, kernel_runs  # noqa: E402
 from engine.step_graphs import StepGraphs  # noqa: E402
@@ -85,9 +85,9 @@ def test_items_lengthen_chunks_to_the_step() -> None:
 def test_auto_picks_triton_on_cuda_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_attention("auto", cpu, torch.float32, 64, cpu_kernels=False) == "vectorized"
-    monkeypatch.setattr(attention, "_triton_runs", lambda device, dtype: True)
+    monkeypatch.setattr(backends, "_triton_runs", lambda device, dtype: True)
     assert resolve_attention("auto", cuda, torch.bfloat16, 64) == "triton"
-    monkeypatch.setattr(attention, "_triton_runs", lambda device, dtype: False)  # no compiler, say
+    monkeypatch.setattr(backends, "_triton_runs", lambda device, dtype: False)  # no compiler, say
     assert resolve_attention("auto", cuda, torch.bfloat16, 64) == "vectorized"
     assert resolve_attention("reference", cuda, torch.bfloat16, 64) == "reference"
     assert isinstance(ATTENTION_BACKENDS["triton"](), TritonAttention)

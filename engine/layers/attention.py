@@ -14,45 +14,22 @@ Four implementations share one interface (``plan`` once per step, ``__call__`` o
   the blocks at offset 0 need no rotation at all), and runs one masked ``scaled_dot_product_attention``
   for all rows at once.
 - ``TritonAttention`` (engine/layers/triton_attention.py) is the fused GPU kernel, and ``CpuAttention`` its
-  C++ twin for the CPU (engine/layers/csrc/attention.cpp); both run the plan of engine/layers/kernel_plan.py.
+  C++ twin for the CPU (engine/layers/csrc/attention.cpp); both run the plan of engine/layers/kernel_plan.py,
+  the Triton one through ``FusedAttention`` below. engine/layers/backends.py names them and picks ``auto``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from engine.layers.cpu_kernels import ATTENTION_HEAD_DIMS, load_cpu_kernels
+from engine.layers.cpu_kernels import load_cpu_kernels
+from engine.layers.kernel_plan import KernelPlan, build_plan
 from engine.layers.rotary import Rotary, rotate
-
-if TYPE_CHECKING:
-    from engine.layers.kernel_plan import KernelPlan
-    from engine.layers.triton_attention import TritonAttention
-
-# Rows with more input tokens than this are attended alone, so that one long prefill chunk does not pad
-# the queries of every decode row.
-SHORT_ROW_TOKENS = 16
-
-
-@dataclass
-class RowSpec:
-    """One row of a step: its tokens occupy packed positions [start, start + num_tokens)."""
-
-    start: int
-    num_tokens: int
-    blocks: list[tuple[torch.Tensor, int]]  # (pool slots of the block's visible tokens, offset), view order;
-    # the slots are host tensors: a step is planned on the host and its plan sent to the device at once
-
-    @cached_property
-    def view_len(self) -> int:
-        return sum(len(slots) for slots, _ in self.blocks)
+from engine.layers.rows import SHORT_ROW_TOKENS, RowSpec
 
 
 @dataclass
@@ -297,8 +274,6 @@ class CpuAttention:
         self.vectorized = VectorizedAttention()
 
     def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> CpuPlan:
-        from engine.layers.kernel_plan import build_plan
-
         short = [r for r in rows if r.num_tokens <= SHORT_ROW_TOKENS]
         long = [r for r in rows if r.num_tokens > SHORT_ROW_TOKENS]
         return CpuPlan(
@@ -322,40 +297,19 @@ class CpuAttention:
         return out
 
 
-def _triton_attention() -> TritonAttention:
-    """Imported on first use: triton is optional, and reads TRITON_INTERPRET when the kernels are defined."""
-    from engine.layers.triton_attention import TritonAttention
+class FusedAttention:
+    """A backend that runs one kernel plan for all rows (the Triton kernel). The model runner sends such a
+    plan to the device with the step's inputs in one copy, and can replay its steps from CUDA graphs.
 
-    return TritonAttention()
+    ``chunk`` is about the keys of one item (split-K), at least; ``items``, if set, lengthens it so that a
+    step makes about that many items. ``tile_tokens`` bounds the query tokens of one item.
+    """
 
+    def __init__(self, chunk: int = 256, tile_tokens: int = 64, items: int | None = None):
+        self.chunk, self.tile_tokens, self.items = chunk, tile_tokens, items
 
-def _triton_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from engine.layers.triton_attention import kernel_runs
+    def host_plan(self, rows: list[RowSpec]) -> KernelPlan:
+        return build_plan(rows, self.chunk, self.tile_tokens, self.items)
 
-    return kernel_runs(device, dtype)
-
-
-def resolve_attention(
-    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, cpu_kernels: bool = True
-) -> str:
-    """``auto`` is the Triton kernel on CUDA when triton is installed and its kernels run, the C++ kernel on a
-    CPU that builds it (float32 and bfloat16, its head dims), else the vectorized torch path."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "triton" if _triton_runs(device, dtype) else "vectorized"
-    usable = (
-        device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim in ATTENTION_HEAD_DIMS
-    )
-    return "cpu" if usable and cpu_kernels and load_cpu_kernels() else "vectorized"
-
-
-Attention = Union[ReferenceAttention, VectorizedAttention, CpuAttention, "TritonAttention"]
-ATTENTION_BACKENDS: dict[str, Callable[[], Attention]] = {
-    "reference": ReferenceAttention,
-    "vectorized": VectorizedAttention,
-    "cpu": CpuAttention,
-    "triton": _triton_attention,
-}
+    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
+        return self.host_plan(rows).placed(rotary)

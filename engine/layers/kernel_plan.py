@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from engine.layers.attention import RowSpec
 from engine.layers.rotary import Rotary
+from engine.layers.rows import RowSpec
 
 INDEX_FIELDS = (
     "key_slots", "piece_start", "piece_len", "piece_skip", "piece_rot", "rot_offset", "item_pieces",
@@ -271,21 +271,3 @@ def build_plan(rows: list[RowSpec], chunk: int, tile_tokens: int, items: int | N
         part_start=int32(part_start),
         parts=len(owners),
     )
-
-
-class FusedAttention:
-    """A backend that runs one kernel plan for all rows (the Triton kernel). The model runner sends such a
-    plan to the device with the step's inputs in one copy, and can replay its steps from CUDA graphs.
-
-    ``chunk`` is about the keys of one item (split-K), at least; ``items``, if set, lengthens it so that a
-    step makes about that many items. ``tile_tokens`` bounds the query tokens of one item.
-    """
-
-    def __init__(self, chunk: int = 256, tile_tokens: int = 64, items: int | None = None):
-        self.chunk, self.tile_tokens, self.items = chunk, tile_tokens, items
-
-    def host_plan(self, rows: list[RowSpec]) -> KernelPlan:
-        return build_plan(rows, self.chunk, self.tile_tokens, self.items)
-
-    def plan(self, rows: list[RowSpec], rotary: Rotary, dtype: torch.dtype) -> KernelPlan:
-        return self.host_plan(rows).placed(rotary)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from engine.layers.rotary import rotate
 
 if TYPE_CHECKING:
-    from engine.models.llama import Attention, StepInputs
+    from engine.models.llama import Attention
+    from engine.models.step_inputs import StepInputs
 
 
 class TorchOps:
@@ -92,11 +93,3 @@ class CpuOps(TorchOps):
             attn.shape.num_heads,
         )
         return q
-
-
-def triton_ops() -> TorchOps:
-    """The Triton ops, imported on first use: triton is optional, and reads TRITON_INTERPRET when the kernels
-    are defined."""
-    from engine.layers.triton_ops import TritonOps
-
-    return TritonOps()

@@ -23,9 +23,10 @@ import triton.language as tl
 from transformers import LlamaConfig
 from triton.runtime.interpreter import InterpretedFunction
 
-from engine.layers.attention import RowSpec
-from engine.layers.kernel_plan import FusedAttention, KernelPlan
+from engine.layers.attention import FusedAttention
+from engine.layers.kernel_plan import KernelPlan
 from engine.layers.rotary import Rotary
+from engine.layers.rows import RowSpec
 
 log = logging.getLogger(__name__)
 

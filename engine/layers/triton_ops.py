@@ -17,7 +17,8 @@ import triton.language as tl
 from engine.layers.ops import TorchOps
 
 if TYPE_CHECKING:
-    from engine.models.llama import Attention, StepInputs
+    from engine.models.llama import Attention
+    from engine.models.step_inputs import StepInputs
 
 ROW_ELEMENTS = 4096  # elements per program: rows x (padded) width
 

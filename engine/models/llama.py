@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 from engine.layers.linear import Kernel, Linear
 from engine.layers.ops import TorchOps
 from engine.layers.rotary import UnsupportedModelError
+from engine.models.step_inputs import StepInputs
 
 # Config keys that change the math, with the values this forward implements. Keys a family does not have
 # read as None. Biases are read off the checkpoint's tensors; RoPE types are checked by Rotary; the
@@ -181,22 +182,6 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, layer, step)
         h, residual = ops.add_rms_norm(h, residual, post.weight, post.eps)
         return self.mlp(h, ops), residual
-
-
-@dataclass
-class StepInputs:
-    """What every layer needs for one forward pass over the packed tokens of all rows."""
-
-    write_slots: torch.Tensor  # [N] pool slot of each new token
-    q_cos: torch.Tensor  # [N, 1, d] rotation of each query by its view position
-    q_sin: torch.Tensor
-    k_cos: torch.Tensor  # [N, 1, d] rotation of each new key by its block-local position
-    k_sin: torch.Tensor
-    k_pool: torch.Tensor  # [layers, slots, kv_heads, d]
-    v_pool: torch.Tensor
-    attention: Any  # an attention implementation from engine.layers.attention
-    plan: Any  # its per-step plan
-    ops: TorchOps  # norms, activation, RoPE and the pool writes (fused on the GPU)
 
 
 class LlamaModel(nn.Module):
