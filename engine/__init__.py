@@ -1,6 +1,6 @@
 """Hogwild! inference engine: N workers of one model sharing one paged, concurrent KV cache.
 
-The names below load on first use: a front end that needs only ``engine.protocol`` and ``engine.client``
+The names below load on first use: a front end that needs only ``engine.protocol`` and ``engine.connection``
 (the HTTP server) never imports torch.
 """
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from engine.block_manager import PagePool
 from engine.collab import GUARDED_TEXT, check_answer_pattern
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.job import Job
@@ -24,6 +23,7 @@ from engine.layers.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
 from engine.layers.rotary import Rotary
 from engine.model_runner import ModelRunner, Row
 from engine.models.llama import LlamaModel, ModelShape
+from engine.pages import PagePool
 from engine.prompts import BUILTIN, Preset, load_presets
 from engine.protocol import EngineOptions, Event, JobOptions
 from engine.sampling import SamplingParams, sample, sampling_defaults

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from engine.block_manager import Block, PageHolder, PagePool
 from engine.collab import (
     ANSWER_PREFIX,
     FINISHER,
@@ -26,6 +25,7 @@ from engine.collab import (
     worker_name,
 )
 from engine.model_runner import Row
+from engine.pages import Block, PageHolder, PagePool
 from engine.protocol import (
     ENDED,
     Checkpoint,

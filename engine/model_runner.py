@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.block_manager import Block, PageHolder, PagePool
 from engine.layers.attention import FusedAttention
 from engine.layers.backends import ATTENTION_BACKENDS, Attention, triton_ops
 from engine.layers.kernel_plan import KernelPlan
@@ -21,6 +20,7 @@ from engine.layers.rotary import Rotary, rotate
 from engine.layers.rows import RowSpec
 from engine.models.llama import LlamaModel
 from engine.models.step_inputs import StepInputs
+from engine.pages import Block, PageHolder, PagePool
 from engine.step_batch import Staging, StepBatch
 from engine.step_graphs import StepGraphs
 

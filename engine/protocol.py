@@ -59,7 +59,7 @@ class EngineOptions:
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA, triton attention)
     fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
     presets: str | None = None  # a JSON file of extra instruction presets (engine/prompts.py)
-    prefix_cache: bool = True  # share the K/V of full prompt pages across jobs (engine/block_manager.py)
+    prefix_cache: bool = True  # share the K/V of full prompt pages across jobs (engine/pages.py)
 
 
 LAYOUTS = ("combined", "interleaved", "contiguous", "plain")

@@ -23,16 +23,16 @@ from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.client import EngineUnavailable
+from engine.connection import EngineUnavailable
 from server import errors
 from server.errors import ApiError
 from server.hub import Hub
-from server.jobs import JobRecord
 from server.metrics import Metrics
 from server.openai_api import openai_routes
+from server.records import JobRecord
 from server.schemas import JobRequest
 from server.settings import Settings
-from server.streams import event_source
+from server.sse import event_source
 
 log = logging.getLogger("hogwild.server")
 STATIC = Path(__file__).parent / "static"

@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.client import EngineRefused, EngineUnavailable
+from engine.connection import EngineRefused, EngineUnavailable
 from engine.protocol import INVALID, NOT_FOUND, QUEUE_FULL, SHUTTING_DOWN, TOO_LONG
 
 STATUS_BY_CODE = {INVALID: 422, TOO_LONG: 413, QUEUE_FULL: 429, NOT_FOUND: 404, SHUTTING_DOWN: 503}

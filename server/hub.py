@@ -10,10 +10,10 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from engine.client import EngineClient, EngineRefused, EngineUnavailable
+from engine.connection import EngineClient, EngineRefused, EngineUnavailable
 from engine.protocol import INVALID, worker_name
-from server.jobs import JobRecord, JobStore, WorkerState
 from server.metrics import Metrics
+from server.records import JobRecord, JobStore, WorkerState
 from server.settings import Settings
 
 log = logging.getLogger("hogwild.server")

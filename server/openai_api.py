@@ -19,9 +19,9 @@ from fastapi.responses import Response
 
 from server.errors import ApiError
 from server.hub import Hub
-from server.jobs import JobRecord
+from server.records import JobRecord
 from server.schemas import ChatRequest
-from server.streams import event_source
+from server.sse import event_source
 
 DEFAULT_MAX_TOKENS = 512
 DISCONNECT_POLL_S = 1.0

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from engine import protocol
-from engine.client import EngineClient, EngineRefused, EngineUnavailable
+from engine.connection import EngineClient, EngineRefused, EngineUnavailable
 
 READY_S = 120.0  # a hang guard for process start-up, not a speed requirement
 
@@ -241,7 +241,7 @@ print(" ".join(m for m in ("torch", "transformers", "engine.engine", "engine.job
 
 
 def test_the_server_runs_jobs_without_importing_torch(tiny_model_dir: Path) -> None:
-    """The HTTP process holds only the contract (engine.protocol, engine.client): its memory and start-up
+    """The HTTP process holds only the contract (engine.protocol, engine.connection): its memory and start-up
     carry none of the model's libraries."""
     address = f"127.0.0.1:{free_port()}"
     engine = subprocess.Popen(

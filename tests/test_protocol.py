@@ -145,6 +145,6 @@ def test_command_line_flags_cover_every_option_and_round_trip() -> None:
 
 
 def test_the_contract_imports_no_torch() -> None:
-    code = "import sys, engine.protocol, engine.client; print('torch' in sys.modules)"
+    code = "import sys, engine.protocol, engine.connection; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
