@@ -25,7 +25,7 @@ from engine.collab import (
     worker_name,
 )
 from engine.model_runner import Row
-from engine.pages import Block, PageHolder, PagePool
+from engine.pages import Block, PageHolder, PagePool, PromptPages
 from engine.protocol import (
     ENDED,
     Checkpoint,
@@ -156,14 +156,13 @@ class Job:
         self.blocks: dict[str, Block] = {"common": Block("common")}
         self.prompt_left = prompt_ids[: len(prompt_ids) - self.held_back]  # not yet in common
         self.static: list[tuple[str, list[int]]] = []  # the layout's static blocks, prefilled after it
-        self.page_keys: list[bytes] | None = None  # prefix-cache keys of the prefilled prompt's full pages
-        self.published = 0  # of those pages, how many were offered to the cache
-        self.cached_tokens = 0  # prompt tokens read from the cache instead of computed
+        self.cached_tokens = 0  # prompt tokens read from the prefix cache instead of computed
         self.opening: list[Event] = []  # the openers' events, sent with the step that writes them
         self.moves: list[Rollover] = []  # finished steps whose K/V the engine moves into common next
         for name, text in self.layout.static_blocks():
             self.blocks[name] = Block(name)
             self.static.append((name, encode(text)))
+        self.prompt_pages = PromptPages(job_id, self.prompt_left, self.blocks["common"], self.holder)
         self.workers: list[Worker] = []
         for i in range(options.workers):
             block = Block(self.layout.worker_block(i))
@@ -198,67 +197,19 @@ class Job:
 
     # -- the prefix cache ---------------------------------------------------------------------------
 
-    def _keys(self, pool: PagePool) -> list[bytes]:
-        if self.page_keys is None:
-            self.page_keys = pool.page_keys(self.prompt_ids[: len(self.prompt_ids) - self.held_back])
-        return self.page_keys
-
     def cached_run(self, pool: PagePool) -> list[int]:
-        """Cached pages that go on from where the prefill of ``common`` stands. Never the page the prompt
-        ends in: the job computes at least its last prompt token, whose step starts its decoding."""
-        if not pool.prefix_cache or not self.prompt_left:
-            return []
-        done, size = len(self.blocks["common"]), pool.page_size
-        if done % size:
-            return []
-        usable = (len(self.prompt_ids) - self.held_back - 1) // size
-        pages = []
-        for key in self._keys(pool)[done // size : usable]:
-            page = pool.cached(key)
-            if page is None:
-                break
-            pages.append(page)
-        return pages
+        return self.prompt_pages.cached_run(pool) if self.prompt_left else []
 
     def reuse(self, pool: PagePool, pages: list[int]) -> None:
         """Put cached pages at the end of ``common`` in place of computing their tokens."""
         if not pages:
             return
-        common, n = self.blocks["common"], len(pages) * pool.page_size
-        ids, self.prompt_left = self.prompt_left[:n], self.prompt_left[n:]
-        common.append_pages(pool, ids, pages)
-        self.holder.share(pool, pages)
-        self.cached_tokens += n
-        pool.hits += n
+        ids = self.prompt_pages.attach(pool, pages)
+        self.prompt_left = self.prompt_left[len(ids) :]
+        self.cached_tokens += len(ids)
         if self.options.trace:  # the reference computes these tokens; the engine read them
-            row = TraceRow(-1, "common", ids, [("common", len(common))], reused=True)
+            row = TraceRow(-1, "common", ids, [("common", len(self.blocks["common"]))], reused=True)
             self.trace.append(TraceStep([row]))
-
-    def _waits(self, pool: PagePool) -> bool:
-        """Whether the next prompt page is being computed by another job: then this one waits for it
-        rather than computing it too."""
-        done, keys = len(self.blocks["common"]), self._keys(pool)
-        if not pool.prefix_cache or done % pool.page_size or done // pool.page_size >= len(keys):
-            return False
-        return pool.computing(keys[done // pool.page_size]) not in (None, self.id)
-
-    def _claim(self, pool: PagePool, start: int, end: int) -> None:
-        """Claim the prompt pages that tokens [start, end) of ``common`` write."""
-        if pool.prefix_cache:
-            size = pool.page_size
-            pool.claim(self._keys(pool)[start // size : -(-end // size)], self.id)
-
-    def _publish(self, pool: PagePool) -> None:
-        """Offer the full prompt pages of ``common`` computed so far to the cache, once their K/V are
-        written."""
-        if not pool.prefix_cache:
-            return
-        keys, common = self._keys(pool), self.blocks["common"]
-        full = min(len(common) // pool.page_size, len(keys))
-        for i in range(self.published, full):
-            self.holder.publish(pool, keys[i], common.pages[i])
-        pool.unclaim(self.id, keys[self.published : full])
-        self.published = full
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -328,11 +279,11 @@ class Job:
         if budget <= 0:
             return [], budget
         self.reuse(pool, self.cached_run(pool))
-        if self._waits(pool):
+        if self.prompt_pages.waits(pool):
             return [], budget
         common, ids = self.blocks["common"], self.prompt_left
         take = min(len(ids), budget)
-        self._claim(pool, len(common), len(common) + take)
+        self.prompt_pages.claim(pool, len(common) + take)
         self.prompt_left = ids[take:]
         rows = [(-1, Row(ids[:take], common, [common], want_logits=False))]
         if not self.prompt_left:
@@ -421,7 +372,7 @@ class Job:
         trace = self.record(rows)
         events, self.opening = self.opening, []
         if rows and rows[0][0] == -1:
-            self._publish(pool)
+            self.prompt_pages.publish(pool)
         for i, (key, row) in enumerate(rows):
             if key == -1:
                 continue

@@ -236,3 +236,70 @@ class PageHolder:
                 pool.drop(page)
         self.held -= len(own)
         pool.free(own)
+
+
+@dataclass
+class PromptPages:
+    """One job's side of the prefix cache: the keys of the full pages of its prompt (as prefilled into
+    ``common``), the cached pages it reads, the pages it claims while computing them, and those it offers
+    once their K/V are written."""
+
+    owner: str  # the job's id, on its claims
+    tokens: list[int]
+    common: Block
+    holder: PageHolder
+    published: int = 0  # full pages offered to the cache so far
+    _keys: list[bytes] | None = None
+
+    def keys(self, pool: PagePool) -> list[bytes]:
+        if self._keys is None:
+            self._keys = pool.page_keys(self.tokens)
+        return self._keys
+
+    def cached_run(self, pool: PagePool) -> list[int]:
+        """Cached pages that go on from where ``common`` stands. Never the page the prompt ends in: the job
+        computes at least its last prompt token, whose step starts its decoding."""
+        done, size = len(self.common), pool.page_size
+        if not pool.prefix_cache or done % size:
+            return []
+        pages = []
+        for key in self.keys(pool)[done // size : (len(self.tokens) - 1) // size]:
+            page = pool.cached(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def attach(self, pool: PagePool, pages: list[int]) -> list[int]:
+        """Put cached pages at the end of ``common``, held in place of as many reserved; their tokens."""
+        start = len(self.common)
+        ids = self.tokens[start : start + len(pages) * pool.page_size]
+        self.common.append_pages(pool, ids, pages)
+        self.holder.share(pool, pages)
+        pool.hits += len(ids)
+        return ids
+
+    def waits(self, pool: PagePool) -> bool:
+        """Whether the next prompt page is being computed by another job: then this one waits for it rather
+        than computing it too."""
+        done, keys = len(self.common), self.keys(pool)
+        if not pool.prefix_cache or done % pool.page_size or done // pool.page_size >= len(keys):
+            return False
+        return pool.computing(keys[done // pool.page_size]) not in (None, self.owner)
+
+    def claim(self, pool: PagePool, end: int) -> None:
+        """Claim the prompt pages that ``common`` is about to be written up to ``end`` through."""
+        if pool.prefix_cache:
+            size = pool.page_size
+            pool.claim(self.keys(pool)[len(self.common) // size : -(-end // size)], self.owner)
+
+    def publish(self, pool: PagePool) -> None:
+        """Offer the full prompt pages written so far, and drop their claims."""
+        if not pool.prefix_cache:
+            return
+        keys = self.keys(pool)
+        full = min(len(self.common) // pool.page_size, len(keys))
+        for i in range(self.published, full):
+            self.holder.publish(pool, keys[i], self.common.pages[i])
+        pool.unclaim(self.owner, keys[self.published : full])
+        self.published = full

@@ -101,7 +101,7 @@ def test_jobs_share_exactly_the_full_pages_their_prompts_have_in_common(tok: Any
     size = eng.pool.page_size
     shared = common_prefix(first.prompt_ids, second.prompt_ids) // size
     assert shared >= 4 and len(second.prompt_ids) // size > shared + 2
-    assert first.published == len(first.prompt_ids) // size  # every full prompt page was offered
+    assert first.prompt_pages.published == len(first.prompt_ids) // size  # every full prompt page was offered
     assert second.cached_tokens == shared * size
     assert eng.pool.hits == shared * size
     assert eng.pool.queries == len(first.prompt_ids) + len(second.prompt_ids)
@@ -124,12 +124,12 @@ def test_shared_pages_are_the_same_pages_while_both_jobs_run(tok: Any, model: An
     assert not set(a[shared:]) & set(b[shared:])  # from the first differing page on, each its own
     # It read the first's pages and offered its own full prompt pages: all of them are pinned, and in no
     # job's reservation any more.
-    assert second.published == len(second.prompt_ids) // size > shared
-    assert second.holder.shared == set(b[: second.published])
-    assert second.holder.reserved == second.pages_needed(eng.pool) - second.published
+    assert second.prompt_pages.published == len(second.prompt_ids) // size > shared
+    assert second.holder.shared == set(b[: second.prompt_pages.published])
+    assert second.holder.reserved == second.pages_needed(eng.pool) - second.prompt_pages.published
     check_reservations(eng)
     run(eng, [first, second])
-    assert eng.pool.whole and eng.pool.evictable >= len(first.page_keys or [])
+    assert eng.pool.whole and eng.pool.evictable >= len(first.prompt_pages.keys(eng.pool))
 
 
 def test_jobs_submitted_together_compute_a_shared_prefix_once(tok: Any, model: Any) -> None:
@@ -152,8 +152,8 @@ def test_a_waiting_job_computes_itself_when_the_computing_one_is_cancelled(tok: 
     first, second = (eng.submit("Add 2 and 3.", **dict(JOB, workers=2)) for _ in range(2))
     eng.step()
     # 30 tokens: seven full pages published, the eighth claimed by the first job while it computes it.
-    keys = first.page_keys or []
-    assert first.published == 7 and eng.pool.computing(keys[7]) == first.id
+    keys = first.prompt_pages.keys(eng.pool)
+    assert first.prompt_pages.published == 7 and eng.pool.computing(keys[7]) == first.id
     eng.cancel(first.id)
     run(eng, [second])
     assert second.cached_tokens == 28
@@ -166,7 +166,7 @@ def test_idle_cached_pages_are_evicted_for_a_job_that_needs_them(tok: Any, model
     pages = probe.submit("Add 2 and 3.", **opts).pages_needed(probe.pool)
     eng = make_engine(tok, model, num_pages=pages)
     first = eng.generate("Add 2 and 3.", **opts)
-    keys = first.page_keys or []
+    keys = first.prompt_pages.keys(eng.pool)
     assert eng.pool.evictable == len(keys) > pages // 2  # idle cached pages fill most of the pool
     assert eng.free_pages == eng.total_pages  # ... and count as free for admission
     other = eng.generate("Count the sevens: " + "seven " * 500, **dict(opts, instructions="none"))
