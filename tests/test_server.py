@@ -152,6 +152,22 @@ def test_a_streaming_client_that_hangs_up_cancels_its_job_unless_detached(http: 
     assert events_of(http, ids[True])[-1]["data"]["finish_reason"] == "cancelled"
 
 
+def test_a_chat_client_that_hangs_up_without_streaming_cancels_its_job(http: httpx.Client) -> None:
+    """The job kept generating to its end while its tokens kept coming: the hang-up was looked for only
+    after a second without any."""
+    # No paragraph breaks (so no step headers) and no end of text: both workers write all 1,500 tokens.
+    body = {"messages": [{"role": "user", "content": "Count slowly."}], "max_tokens": 1500, "workers": 2}
+    body.update(quick_check_every=0, finisher=False, instructions="none")
+    body["suppress"] = ["\u010a", "<|im_end|>", "<|endoftext|>"]  # byte-level newline, the model's ends
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after half a second and hangs up
+        http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    job = http.get("/v1/jobs", params={"limit": 1}).json()["data"][0]
+    assert job["prompt"] == body["messages"]
+    ended = wait_for(http, job["id"], ("cancelled", "finished"))
+    assert ended["status"] == "cancelled", ended["usage"]
+    assert ended["usage"]["completion_tokens"] < 2 * 1500
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
