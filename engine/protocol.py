@@ -64,6 +64,7 @@ class EngineOptions:
 
 LAYOUTS = ("combined", "interleaved", "contiguous", "plain")
 MAX_LIST = 256  # entries in a list option (stop strings, suppressed strings, biased tokens)
+MAX_TEXT = 1000  # characters in one of its strings: a stop check per token reads a window of this size
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,8 @@ def _strings(name: str, value: Any) -> tuple[str, ...]:
     items = _sequence(name, value)
     if not all(isinstance(x, str) and x for x in items):
         raise InvalidRequest(name, f"{name} must be a non-empty string or a list of them")
+    if any(len(x) > MAX_TEXT for x in items):
+        raise InvalidRequest(name, f"{name} strings must be at most {MAX_TEXT} characters")
     return tuple(items)
 
 

@@ -1,7 +1,7 @@
 """``python -m server`` (or ``hogwild-server``): the HTTP server under uvicorn.
 
 SIGTERM and Ctrl-C first stop the engine gracefully, so every open stream ends with its done event, and
-only then let uvicorn close the connections.
+only then let uvicorn close the connections; a drain that finishes exits with status 0.
 """
 
 from __future__ import annotations
@@ -33,11 +33,15 @@ class DrainingServer(uvicorn.Server):
         hub = self.hub
 
         async def drain() -> None:
+            drained = False
             try:
                 await asyncio.wait_for(hub.stop(), DRAIN_TIMEOUT_S)
+                drained = True
             finally:
                 await asyncio.sleep(0.2)  # let the streams flush their done events
                 super(DrainingServer, self).handle_exit(sig, frame)
+                if drained:  # a drain that finished is a clean exit: uvicorn would re-raise the signal
+                    self._captured_signals.clear()
 
         self.draining = asyncio.get_event_loop().create_task(drain())
 

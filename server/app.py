@@ -115,7 +115,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            allow_credentials=True,
+            # Credentials with any origin would let every site act with a user's cookie.
+            allow_credentials="*" not in settings.cors_origins,
         )
 
     errors.install(app)

@@ -46,7 +46,8 @@ class HogwildOptions(BaseModel):
 
 
 class JobRequest(HogwildOptions):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "2" or true is no number of workers, "yes" no boolean (the OpenAI route stays lax).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str | None = None
     messages: list[Message] | None = None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from engine.errors import InvalidRequest
-from engine.protocol import MAX_LIST, JobOptions, add_job_flags, job_params
+from engine.protocol import MAX_LIST, MAX_TEXT, JobOptions, add_job_flags, job_params
 
 
 def refused(params: dict[str, Any]) -> str:
@@ -50,6 +50,7 @@ def test_parse_normalizes_what_json_and_keywords_give() -> None:
         ({"checkpoints": list(range(1, 66))}, "checkpoints"),
         ({"stop": [""]}, "stop"),
         ({"stop": ["x"] * (MAX_LIST + 1)}, "stop"),
+        ({"stop": ["x" * (MAX_TEXT + 1)]}, "stop"),  # per-token stop checks stay bounded
         ({"suppress": [3]}, "suppress"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"logit_bias": {"1": 101}}, "logit_bias"),
