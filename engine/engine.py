@@ -285,8 +285,13 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def step(self) -> list[Event]:
+    def take_outbox(self) -> list[Event]:
+        """Events made between steps (a cancel's done)."""
         events, self.outbox = self.outbox, []
+        return events
+
+    def step(self) -> list[Event]:
+        events = self.take_outbox()
         self._admit()
         scheduled: list[tuple[Job, list[tuple[int, Row]]]] = []
         slots = []
@@ -353,8 +358,7 @@ class Engine:
         """Cancel every queued and running job (shutdown): each ends with its done event."""
         for job in [*self.queue, *self.running]:
             self.cancel(job.id)
-        events, self.outbox = self.outbox, []
-        return events
+        return self.take_outbox()
 
     def fail_running(self, message: str) -> list[Event]:
         """A forward pass failed: its jobs cannot go on, but their pages must come back."""

@@ -178,6 +178,8 @@ class EngineService:
             if self.stopping:
                 self._deliver(self.engine.cancel_all())
                 break
+            if self.engine.outbox:  # a cancel's done goes out now, not after the next forward pass
+                self._deliver(self.engine.take_outbox())
             if self.engine.has_work:
                 self._step()
         for conn in list(self.connections.values()):

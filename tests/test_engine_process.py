@@ -40,9 +40,11 @@ class Recorder:
         self.ended: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.exit = asyncio.Event()
         self.exit_reason = ""
+        self.messages: list[dict[str, Any]] = []
 
     def on_events(self, message: dict[str, Any]) -> None:
         assert message["step_s"] >= 0
+        self.messages.append(message)
         for ev in message["events"]:
             self.events[ev["job_id"]].append(ev)
             if ev["type"] == "done":
@@ -266,3 +268,26 @@ def test_the_server_runs_jobs_without_importing_torch(tiny_model_dir: Path) -> N
     finally:
         engine.kill()
         engine.wait()
+
+
+def test_a_cancelled_jobs_done_is_sent_before_the_next_forward_pass(tiny_model_dir: Path) -> None:
+    """It used to wait for the next step, which others' long steps make long: the done came with the next
+    step's tokens of the other jobs."""
+
+    async def scenario() -> None:
+        client, rec = await spawn(tiny_model_dir)
+        long_job = {"prompt": "Count to a million.", "workers": 2, "max_tokens": 1000, "quick_check_every": 0}
+        for job_id in ("cancelled", "running"):
+            await client.submit(job_id, long_job)
+        while not all(any(e["type"] == "token" for e in rec.events[j]) for j in ("cancelled", "running")):
+            await asyncio.sleep(0.01)
+        assert await client.cancel("cancelled")
+        await asyncio.wait_for(rec.ended["cancelled"].wait(), 30)
+        carrier = next(m for m in rec.messages if any(e["type"] == "done" for e in m["events"]))
+        assert {e["job_id"] for e in carrier["events"]} == {"cancelled"}, carrier["events"][:3]
+        assert carrier["step_s"] == 0  # no forward pass came first
+        await client.cancel("running")
+        await client.close()
+
+    run(scenario())
+
