@@ -14,6 +14,7 @@ import itertools
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,8 @@ class EngineClient:
         self.on_events, self.on_exit = on_events, on_exit
         self.info: dict[str, Any] = {}
         self.dead: str | None = None
+        self.timeout: float | None = None  # how long a command may wait for its reply
+        self.last_heard = time.monotonic()  # when the engine last sent anything
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._numbers = itertools.count()
@@ -116,10 +119,23 @@ class EngineClient:
         self.writer.write(message)
         try:
             await self.writer.drain()
+            return await asyncio.wait_for(future, self.timeout)
         except OSError as exc:
-            self._pending.pop(req, None)
             raise EngineUnavailable(f"the engine connection broke: {exc}") from exc
-        return await future
+        except asyncio.TimeoutError:
+            raise EngineUnavailable(f"the engine did not answer within {self.timeout:.0f} s") from None
+        finally:
+            self._pending.pop(req, None)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a command waits for its reply."""
+        return bool(self._pending)
+
+    def kill(self) -> None:
+        """End a spawned engine that no longer answers; a standalone one is not ours to end."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
 
     async def submit(self, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("submit", job_id=job_id, params=params)
@@ -155,6 +171,7 @@ class EngineClient:
         reason = "the engine closed the connection"
         try:
             while chunk := await self.reader.read(1 << 20):
+                self.last_heard = time.monotonic()
                 unpacker.feed(chunk)
                 for message in unpacker:
                     self._dispatch(message)

@@ -129,9 +129,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Response:
+        await hub.probe()
         if hub.ready:
             return JSONResponse({"status": "ready", "model": hub.model_name})
-        return JSONResponse({"status": "unavailable", "reason": hub.engine_error}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": hub.unavailable}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -17,6 +17,9 @@ from server.records import JobRecord, JobStore, WorkerState
 from server.settings import Settings
 
 log = logging.getLogger("hogwild.server")
+WATCH_EVERY_S = 0.25  # how often the watchdog looks at a busy engine
+PROBE_AFTER_S = 5.0  # /ready asks an engine quiet for this long whether it still answers
+PROBE_TIMEOUT_S = 2.0
 RESTART_DELAY_S = 1.0  # a dead engine is restarted after this, doubling while restarts fail
 MAX_RESTART_DELAY_S = 30.0
 
@@ -31,6 +34,9 @@ class Hub:
         self._last_token: dict[tuple[str, int], float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
+        self.stalled: str | None = None  # why the engine is thought stuck, while it is
+        self._heard_before_stall = 0.0  # the engine's last word when it was found stalled
+        self._watch: asyncio.Task[None] | None = None
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Fire and forget (a cancel from a stream's cleanup), holding the task until it is done."""
@@ -48,7 +54,14 @@ class Hub:
 
     @property
     def ready(self) -> bool:
-        return self.client is not None and self.engine_error is None
+        return self.client is not None and self.engine_error is None and self.stalled is None
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the engine cannot take requests now, if it cannot."""
+        if self.client is None or self.engine_error is not None:
+            return self.engine_error or "the engine is not running"
+        return self.stalled
 
     async def start(self) -> None:
         s = self.settings
@@ -60,12 +73,17 @@ class Hub:
             self.client = await EngineClient.spawn(
                 s.engine_args(), self.on_events, self.on_exit, s.ready_timeout_s
             )
-        self.engine_error = None
+        self.client.timeout = s.engine_stall_s
+        self.engine_error = self.stalled = None
         self.metrics.engine_up.set(1)
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watchdog())
 
     async def stop(self) -> None:
         """Graceful: the engine cancels what is open, so every stream gets its done event."""
         self.stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         if self.client is not None:
             await self.client.close()
         self.store.fail_open("the server is shutting down")
@@ -73,9 +91,51 @@ class Hub:
     # -- jobs ---------------------------------------------------------------------------------------
 
     def engine(self) -> EngineClient:
-        if self.client is None or self.engine_error is not None:
-            raise EngineUnavailable(self.engine_error or "the engine is not running")
+        reason = self.unavailable
+        if reason is not None or self.client is None:
+            raise EngineUnavailable(reason or "the engine is not running")
         return self.client
+
+    # -- liveness -----------------------------------------------------------------------------------
+
+    async def probe(self, timeout: float = PROBE_TIMEOUT_S) -> None:
+        """Ask an engine that has been quiet for a while whether it still answers (for /ready)."""
+        client = self.client
+        if not self.ready or client is None or time.monotonic() - client.last_heard < PROBE_AFTER_S:
+            return
+        try:
+            await asyncio.wait_for(client.stats(), timeout)
+        except (EngineUnavailable, asyncio.TimeoutError):
+            if self.client is client and self.engine_error is None:
+                self._stall(client, f"the engine did not answer within {timeout:.0f} s")
+
+    def _stall(self, client: EngineClient, reason: str) -> None:
+        if self.stalled is None:
+            log.error("%s", reason)
+            self._heard_before_stall = client.last_heard
+        self.stalled = reason
+        self.metrics.engine_up.set(0)
+
+    async def _watchdog(self) -> None:
+        """A busy engine sends events every step: one that falls silent is stalled (503 meanwhile), and a
+        spawned one silent for ``engine_kill_s`` is killed, which restarts it."""
+        s = self.settings
+        while not self.stopping:
+            await asyncio.sleep(WATCH_EVERY_S)
+            client = self.client
+            if client is None or self.engine_error is not None:
+                continue
+            silent = time.monotonic() - client.last_heard
+            busy = bool(self.store.open()) or client.waiting
+            if self.stalled is not None and client.last_heard > self._heard_before_stall:
+                log.warning("the engine answers again")
+                self.stalled = None
+                self.metrics.engine_up.set(1)
+            elif busy and silent > s.engine_stall_s:
+                self._stall(client, f"the engine has not answered for {silent:.0f} s")
+            if self.stalled is not None and silent > s.engine_kill_s and client.process is not None:
+                log.error("killing the engine: it has not answered for %.0f s", silent)
+                client.kill()
 
     async def submit(self, params: dict[str, Any], options: dict[str, Any]) -> JobRecord:
         """Queue a job. The record exists before the engine is asked, since its first events can arrive

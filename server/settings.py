@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     retain_jobs: int = 1000  # ended jobs kept for GET and replay, oldest dropped first
     keepalive_s: float = 15.0  # SSE comment interval while a stream has nothing else to say
     ready_timeout_s: float = 1800.0  # first start may fetch and convert the default model
+    # A busy engine that sends nothing this long is stalled: /ready says 503, requests fail fast with 503,
+    # and every command to the engine waits at most this long.
+    engine_stall_s: float = 30.0
+    engine_kill_s: float = 120.0  # ... and a spawned engine stalled this long is killed and restarted
     log_level: str = "info"
     # Engine options; None keeps the engine's default (see engine.protocol.EngineOptions).
     page_size: int | None = None

@@ -290,4 +290,3 @@ def test_a_cancelled_jobs_done_is_sent_before_the_next_forward_pass(tiny_model_d
         await client.close()
 
     run(scenario())
-

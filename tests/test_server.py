@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -418,3 +419,37 @@ def test_cors_sends_credentials_only_to_named_origins(origins: list[str], creden
     assert r.status_code == 200
     assert r.headers.get("access-control-allow-credentials") == credentials
     assert r.headers["access-control-allow-origin"] in ("*", "https://lab.example")
+
+
+def test_a_hung_engine_is_detected_refused_and_restarted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGSTOP: /ready stayed 200 and requests hung for as long as the engine was stopped. Now a busy engine
+    that says nothing for engine_stall_s turns /ready 503 with the reason, requests fail at once with 503,
+    and after engine_kill_s it is killed, its jobs end with an error, and a new engine serves."""
+    flags = ("--engine-stall-s", "1", "--engine-kill-s", "4")
+    with running_server(tiny_model_dir, tmp_path, *flags) as server, api(server) as http:
+        job = submit(http, prompt="Count to a million.", max_tokens=1000, quick_check_every=0)
+        while not http.get(f"/v1/jobs/{job['id']}").json()["workers"][0]["generated"]:
+            time.sleep(0.05)
+        engine = server.engine_pid()
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            for _ in range(200):  # a hang guard: detection takes about engine_stall_s
+                ready = http.get("/ready", timeout=5)
+                if ready.status_code == 503:
+                    break
+                time.sleep(0.05)
+            assert ready.status_code == 503 and "not answered" in ready.json()["reason"]
+            refused = http.post("/v1/jobs", json={"prompt": "Hi"}, timeout=5)
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "engine_unavailable"
+            failed = wait_for(http, job["id"], ("failed",))  # the kill ends it
+            assert "SIGKILL" in (failed["error"] or "")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(engine, signal.SIGCONT)
+        for _ in range(int(WAIT_S * 10)):  # a hang guard for the restart (loading the model)
+            if http.get("/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert server.engine_pid() != engine
+        again = submit(http, max_tokens=4)
+        assert wait_for(http, again["id"], ("finished",))["usage"]["completion_tokens"] > 0
