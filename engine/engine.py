@@ -209,7 +209,8 @@ class Engine:
         )
         sampling.validate()
         if not prompt:
-            raise InvalidRequest("prompt", "prompt must not be empty")
+            field = "messages" if isinstance(prompt, list) else "prompt"
+            raise InvalidRequest(field, f"{field} must not be empty")
         if len(self.queue) >= self.options.max_queued_jobs:
             raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
         resolved = replace(

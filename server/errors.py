@@ -52,11 +52,15 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
             return ApiError(
-                422, f"the body is not valid JSON: {first['msg']}", "invalid_request_error"
+                422, f"the body is not valid JSON: {first['msg']}", "invalid_request_error", "body"
             ).response()
-        # Union members show up in the location as type names ("stop.str"): the field is what users wrote.
-        loc = [str(p) for p in first.get("loc", ()) if p != "body" and p not in UNION_MEMBERS]
+        # Union members show up in the location as type names ("stop.str") after the field users wrote; a
+        # field of that name ({"int": 1}) is still named.
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = loc[:1] + [p for p in loc[1:] if p not in UNION_MEMBERS]
         field = ".".join(p for p in loc if "[" not in p) or None
+        if field is None:  # about the body as a whole: not an object, or the prompt/messages rule
+            field = "prompt" if "prompt and messages" in str(first["msg"]) else "body"
         message = f"{field}: {first['msg']}" if field else str(first["msg"])
         return ApiError(422, message, "invalid_request_error", field).response()
 

@@ -180,8 +180,10 @@ def test_a_chat_client_that_hangs_up_without_streaming_cancels_its_job(http: htt
         ({"layout": "spiral"}, 422, "layout"),
         ({"top_p": 0}, 422, "top_p"),
         ({"colour": "red"}, 422, "colour"),
-        ({"prompt": None}, 422, None),
-        ({"messages": [{"role": "user", "content": "hi"}]}, 422, None),  # prompt and messages both
+        ({"prompt": None}, 422, "prompt"),  # neither prompt nor messages
+        ({"messages": [{"role": "user", "content": "hi"}]}, 422, "prompt"),  # prompt and messages both
+        ({"prompt": None, "messages": []}, 422, "messages"),
+        ({"int": 1}, 422, "int"),  # an unknown field named like a union member is still named
         ({"messages": [{"role": "robot", "content": "hi"}], "prompt": None}, 422, "messages.0.role"),
         ({"prompt": "long " * 3000, "workers": 4, "max_tokens": 500}, 413, "prompt"),
         ({"workers": 10**30}, 422, "workers"),  # refused before anything is built per worker
@@ -202,7 +204,9 @@ def test_bad_input_gets_a_4xx_naming_the_field(
 def test_malformed_requests(http: httpx.Client, server: ServerProcess) -> None:
     json_type = {"content-type": "application/json"}
     r = http.post("/v1/jobs", content=b"{not json", headers=json_type)
-    assert r.status_code == 422 and r.json()["error"]["field"] is None
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body"
+    r = http.post("/v1/jobs", content=b"[1, 2]", headers=json_type)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body"
     for value in (b"NaN", b"Infinity"):  # Python's JSON parser accepts them; sampling must not see them
         r = http.post(
             "/v1/jobs", content=b'{"prompt": "hi", "temperature": ' + value + b"}", headers=json_type
