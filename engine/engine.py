@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submission checked but not yet tokenized (``Engine.check``)."""
+
+    prompt: str | list[dict[str, str]]
+    options: JobOptions  # resolved: sampling filled in, the preset named
+    sampling: SamplingParams
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -170,24 +179,36 @@ class Engine:
         return {i for i, t in enumerate(self.vocab) if any(x in t for x in texts)}
 
     def prompt_ids(
-        self, prompt: str | list[dict[str, str]], workers: int, layout: str = "combined", preset: str = "none"
+        self,
+        prompt: str | list[dict[str, str]],
+        workers: int,
+        layout: str = "combined",
+        preset: str = "none",
+        tokenizer: Any = None,
     ) -> list[int]:
         """The chat-templated prompt: the preset's worked examples as earlier turns, its instructions
-        before the first user turn."""
+        before the first user turn. ``tokenizer``: a copy of the engine's, for another thread."""
+        tok = tokenizer or self.tokenizer
         messages = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         )
         if not any(m.get("role") == "user" for m in messages):
             raise InvalidRequest("messages", "messages must contain a user message")
         messages = self.presets[preset].render(messages, workers, layout)
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.encode(text)
-        return self.encode("\n\n".join(m["content"] for m in messages) + "\n\n")
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+        return list(tok.encode(text, add_special_tokens=False))
 
     def submit(self, prompt: str | list[dict[str, str]], job_id: str | None = None, **params: Any) -> Job:
         """Queue a job; ``params`` are the fields of ``JobOptions`` (engine/protocol.py). Raises
         InvalidRequest naming the field, PromptTooLong, or QueueFullError."""
+        request = self.check(prompt, **params)
+        return self.enqueue(request, self.tokenize(request), job_id)
+
+    def check(self, prompt: str | list[dict[str, str]], **params: Any) -> Submission:
+        """Everything about a submission that needs no tokenizing: its options, resolved."""
         options = JobOptions.parse(params)
         options.within(self.options.max_workers, self.options.max_tokens)
         multi = options.workers > 1 and options.layout != "plain"
@@ -211,8 +232,6 @@ class Engine:
         if not prompt:
             field = "messages" if isinstance(prompt, list) else "prompt"
             raise InvalidRequest(field, f"{field} must not be empty")
-        if len(self.queue) >= self.options.max_queued_jobs:
-            raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
         resolved = replace(
             options,
             temperature=sampling.temperature,
@@ -221,13 +240,27 @@ class Engine:
             instructions=preset,
             answer_pattern=rule,
         )
-        ids = self.prompt_ids(prompt, options.workers, options.layout, preset)
+        return Submission(prompt, resolved, sampling)
+
+    def tokenize(self, request: Submission, tokenizer: Any = None) -> list[int]:
+        """The prompt's ids. Safe off the engine's thread with a tokenizer of its own (engine/serve.py
+        tokenizes there, so that a long prompt does not hold up every job's step)."""
+        o = request.options
+        assert o.instructions is not None
+        ids = self.prompt_ids(request.prompt, o.workers, o.layout, o.instructions, tokenizer)
         if len(ids) < 2:
             raise InvalidRequest("prompt", "prompt must be at least two tokens long")
+        return ids
+
+    def enqueue(self, request: Submission, ids: list[int], job_id: str | None = None) -> Job:
+        """Queue a checked, tokenized submission, if its job fits the model and the pool."""
+        options, sampling = request.options, request.sampling
+        if len(self.queue) >= self.options.max_queued_jobs:
+            raise QueueFullError(f"the queue is full ({self.options.max_queued_jobs} jobs waiting)")
         job = Job(
             job_id or f"job-{uuid.uuid4().hex[:12]}",
             ids,
-            resolved,
+            options,
             sampling,
             self.tokenizer,
             self.encode,

@@ -10,6 +10,7 @@ one end of a socket pair (``--fd``).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import selectors
@@ -19,11 +20,12 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from engine import protocol
-from engine.engine import DTYPES, Engine
+from engine.engine import DTYPES, Engine, Submission
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.loader import DEFAULT_NAME
 from engine.protocol import EngineOptions, parse_address, parse_bool
@@ -31,6 +33,7 @@ from engine.protocol import EngineOptions, parse_address, parse_bool
 log = logging.getLogger("hogwild.engine")
 
 IDLE_WAIT_S = 0.5  # how long an idle engine sleeps in select before checking for shutdown
+TOKENIZE_POLL_S = 0.002  # how often an otherwise idle engine looks for a tokenized submission
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity: one per socket
@@ -38,6 +41,25 @@ class Connection:
     sock: socket.socket
     unpacker: Any = dataclasses.field(default_factory=protocol.unpacker)
     jobs: set[str] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass
+class Tokenizing:
+    """A submission whose prompt is being tokenized; its reply waits for that."""
+
+    conn: Connection
+    req: Any
+    job_id: str | None
+    request: Submission
+    future: Future[list[int]]
+
+
+def refusal(exc: Exception) -> dict[str, Any]:
+    """The reply to a refused submission: its code, message and field."""
+    if isinstance(exc, QueueFullError):
+        return {"ok": False, "code": protocol.QUEUE_FULL, "error": str(exc)}
+    code = protocol.TOO_LONG if isinstance(exc, PromptTooLong) else protocol.INVALID
+    return {"ok": False, "code": code, "error": str(exc), "field": getattr(exc, "field", None)}
 
 
 class EngineService:
@@ -50,6 +72,10 @@ class EngineService:
         self.owner: dict[str, Connection] = {}
         self.stopping = False
         self.step_times: deque[float] = deque(maxlen=100)
+        # Prompts are tokenized on a thread of their own, with a tokenizer of their own.
+        self.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.tokenizer_copy = copy.deepcopy(engine.tokenizer)
+        self.tokenizing: list[Tokenizing] = []
 
     # -- sockets ------------------------------------------------------------------------------------
 
@@ -120,13 +146,17 @@ class EngineService:
         except Exception as exc:
             log.warning("refused a bad %r command: %s", message.get("type"), exc)
             reply = {"ok": False, "code": protocol.INVALID, "error": f"{type(exc).__name__}: {exc}"}
-        self._send(conn, {"type": "reply", "req": req, **reply})
+        if reply is not None:  # None: a submission being tokenized, answered when it is
+            self._send(conn, {"type": "reply", "req": req, **reply})
 
-    def _answer(self, conn: Connection, message: dict[str, Any]) -> dict[str, Any]:
+    def _answer(self, conn: Connection, message: dict[str, Any]) -> dict[str, Any] | None:
         kind = message.get("type")
         reply: dict[str, Any] = {"ok": True}
         if kind == "submit":
-            reply.update(self._submit(conn, message))
+            refused = self._submit(conn, message)
+            if refused is None:
+                return None
+            reply.update(refused)
         elif kind == "cancel":
             reply["result"] = self.engine.cancel(str(message.get("job_id")))
         elif kind == "stats":
@@ -138,28 +168,47 @@ class EngineService:
             reply.update(ok=False, code=protocol.INVALID, error=f"unknown command {kind!r}")
         return reply
 
-    def _submit(self, conn: Connection, message: dict[str, Any]) -> dict[str, Any]:
+    def _submit(self, conn: Connection, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Check a submission here, tokenize it on the tokenizer's thread (a long prompt must not hold up
+        every job's step), queue it when that is done (``_enqueue``). The refusal, if any."""
         if self.stopping:
             return {"ok": False, "code": protocol.SHUTTING_DOWN, "error": "the engine is shutting down"}
         params = dict(message.get("params") or {})
+        prompt = params.pop("prompt", None)
         try:
-            job = self.engine.submit(job_id=message.get("job_id"), **params)
-        except QueueFullError as exc:
-            return {"ok": False, "code": protocol.QUEUE_FULL, "error": str(exc)}
-        except PromptTooLong as exc:
-            return {"ok": False, "code": protocol.TOO_LONG, "error": str(exc), "field": exc.field}
-        except InvalidRequest as exc:
-            return {"ok": False, "code": protocol.INVALID, "error": str(exc), "field": exc.field}
-        conn.jobs.add(job.id)
-        self.owner[job.id] = conn
-        return {
-            "result": {
+            request = self.engine.check(prompt, **params)
+        except (InvalidRequest, QueueFullError) as exc:
+            return refusal(exc)
+        future = self.tokenizer.submit(self.engine.tokenize, request, self.tokenizer_copy)
+        self.tokenizing.append(Tokenizing(conn, message.get("req"), message.get("job_id"), request, future))
+        return None
+
+    def _enqueue(self) -> None:
+        """Queue the submissions whose prompts are tokenized, and answer them."""
+        for item in [t for t in self.tokenizing if t.future.done()]:
+            self.tokenizing.remove(item)
+            conn = item.conn
+            if self.connections.get(conn.sock) is not conn:  # the front end went away meanwhile
+                continue
+            try:
+                job = self.engine.enqueue(item.request, item.future.result(), item.job_id)
+            except (InvalidRequest, QueueFullError) as exc:
+                self._send(conn, {"type": "reply", "req": item.req, **refusal(exc)})
+                continue
+            except Exception as exc:
+                log.warning("refused a bad submission: %s", exc)
+                error = {"ok": False, "code": protocol.INVALID, "error": f"{type(exc).__name__}: {exc}"}
+                self._send(conn, {"type": "reply", "req": item.req, **error})
+                continue
+            conn.jobs.add(job.id)
+            self.owner[job.id] = conn
+            result = {
                 "job_id": job.id,
                 "prompt_tokens": len(job.prompt_ids),
                 "workers": [w.name for w in job.workers],
                 "options": job.resolved_options,
             }
-        }
+            self._send(conn, {"type": "reply", "req": item.req, "ok": True, "result": result})
 
     def stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
@@ -173,11 +222,13 @@ class EngineService:
     def run(self) -> None:
         while True:
             busy = self.engine.has_work
-            for key, _ in self.selector.select(0 if busy else IDLE_WAIT_S):
+            wait = 0 if busy else TOKENIZE_POLL_S if self.tokenizing else IDLE_WAIT_S
+            for key, _ in self.selector.select(wait):
                 key.data(key.fileobj)
             if self.stopping:
                 self._deliver(self.engine.cancel_all())
                 break
+            self._enqueue()
             if self.engine.outbox:  # a cancel's done goes out now, not after the next forward pass
                 self._deliver(self.engine.take_outbox())
             if self.engine.has_work:
@@ -185,6 +236,7 @@ class EngineService:
         for conn in list(self.connections.values()):
             conn.sock.close()
         self.selector.close()
+        self.tokenizer.shutdown(wait=False, cancel_futures=True)
 
     def _step(self) -> None:
         start = time.monotonic()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -290,3 +290,43 @@ def test_a_cancelled_jobs_done_is_sent_before_the_next_forward_pass(tiny_model_d
         await client.close()
 
     run(scenario())
+
+
+def test_a_huge_prompt_is_tokenized_while_the_other_jobs_step(tiny_model_dir: Path) -> None:
+    """Tokenizing a 900 KB prompt took the engine loop for a third of a second before its 413: no job
+    stepped meanwhile, and its reply came before any more of the running job's events. Now it is tokenized
+    on a thread of its own and the running job's steps go on before the reply, in the order the wire
+    carries them."""
+    ours, theirs = socket.socketpair()
+    cmd = [sys.executable, "-m", "engine.serve", "--fd", str(theirs.fileno()), "--model", str(tiny_model_dir)]
+    engine = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+    theirs.close()
+    unpacker = protocol.unpacker()
+
+    def receive() -> Iterator[dict[str, Any]]:
+        while data := ours.recv(1 << 16):
+            unpacker.feed(data)
+            yield from unpacker
+
+    messages = receive()
+    try:
+        assert next(messages)["type"] == "ready"
+        job = {"prompt": "Count.", "workers": 1, "max_tokens": 2000, "quick_check_every": 0}
+        ours.sendall(protocol.pack({"type": "submit", "req": 1, "job_id": "running", "params": job}))
+        while next(messages)["type"] != "events":  # the running job steps
+            pass
+        huge = {"prompt": "word " * 180_000, "workers": 2}
+        ours.sendall(protocol.pack({"type": "submit", "req": 2, "job_id": "huge", "params": huge}))
+        steps_before_reply = 0
+        for message in messages:
+            if message["type"] == "reply" and message["req"] == 2:
+                break
+            steps_before_reply += message["type"] == "events"
+        assert message["code"] == protocol.TOO_LONG
+        # 162 steps here; inline tokenizing let only the backlog already on the wire through (8).
+        assert steps_before_reply >= 40, steps_before_reply
+        ours.sendall(protocol.pack({"type": "shutdown", "req": 3}))
+        assert engine.wait(timeout=READY_S) == 0
+    finally:
+        engine.kill()
+        ours.close()
