@@ -30,7 +30,7 @@ from server.hub import Hub
 from server.metrics import Metrics
 from server.openai_api import openai_routes
 from server.records import JobRecord
-from server.schemas import JobRequest
+from server.schemas import JobRequest, error_responses
 from server.settings import Settings
 from server.sse import event_source
 
@@ -40,10 +40,12 @@ CANCEL_WAIT_S = 5.0  # DELETE waits this long per engine message for the job's d
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, whether or not Content-Length is sent."""
+    """Read every request body here: refuse one over ``limit`` bytes with 413, whether or not Content-Length
+    is sent, and one that stops arriving for ``timeout`` seconds (shorter than its Content-Length, say)
+    with 408; the app gets the whole body at once."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,16 +53,18 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            too_large = ApiError(413, f"request body over {self.limit} bytes", "too_large")
-            await too_large.response()(scope, receive, send)
+            await ApiError(413, f"request body over {self.limit} bytes", "too_large").response()(
+                scope, receive, send
+            )
             return
-        if declared is not None:  # the server reads no more than Content-Length: checked above
-            await self.app(scope, receive, send)
-            return
-        # A chunked body: read it here, up to the limit, and hand the app the whole of it.
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                late = ApiError(408, f"the request body stopped arriving for {self.timeout:.0f} s", "timeout")
+                await late.response()(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             size += len(message.get("body", b""))
@@ -108,7 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Hogwild! inference server", version="0.1.0", lifespan=lifespan)
     app.state.hub = hub
     app.state.settings = settings
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout_s)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -163,7 +167,7 @@ def create_app(settings: Settings) -> FastAPI:
         if not hmac.compare_digest(given.encode(), expected):
             raise ApiError(401, "missing or wrong API key", "unauthorized", WWW_Authenticate="Bearer")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=error_responses(401, 422, 503))
 
     def record_of(job_id: str) -> JobRecord:
         record = hub.store.get(job_id)
@@ -193,7 +197,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.engine_stats(stats)
         return stats
 
-    @v1.post("/jobs", status_code=201, response_model=None)
+    @v1.post("/jobs", status_code=201, response_model=None, responses=error_responses(408, 413, 429))
     async def create_job(body: JobRequest, request: Request) -> Response | dict[str, Any]:
         record = await hub.submit(body.engine_params(), body.options())
         wants_stream = body.stream or "text/event-stream" in request.headers.get("accept", "")
@@ -207,11 +211,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def list_jobs(limit: int = Query(50, ge=0, le=10_000)) -> dict[str, Any]:
         return {"object": "list", "data": [r.to_dict(hub.model_name) for r in hub.store.recent(limit)]}
 
-    @v1.get("/jobs/{job_id}")
+    @v1.get("/jobs/{job_id}", responses=error_responses(404))
     async def get_job(job_id: str) -> dict[str, Any]:
         return record_of(job_id).to_dict(hub.model_name)
 
-    @v1.delete("/jobs/{job_id}")
+    @v1.delete("/jobs/{job_id}", responses=error_responses(404))
     async def cancel_job(job_id: str) -> dict[str, Any]:
         record = record_of(job_id)
         await hub.cancel(record)
@@ -220,7 +224,7 @@ def create_app(settings: Settings) -> FastAPI:
             pass
         return record.to_dict(hub.model_name)
 
-    @v1.get("/jobs/{job_id}/events")
+    @v1.get("/jobs/{job_id}/events", responses=error_responses(404))
     async def job_events(job_id: str, request: Request) -> EventSourceResponse:
         record = record_of(job_id)
         last = request.headers.get("last-event-id", "-1")

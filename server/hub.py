@@ -24,6 +24,18 @@ RESTART_DELAY_S = 1.0  # a dead engine is restarted after this, doubling while r
 MAX_RESTART_DELAY_S = 30.0
 
 
+def first_surrogate(value: Any, path: str = "") -> str | None:
+    """Where in a request's data a string holds a lone surrogate (``messages.0.content``), if anywhere."""
+    if isinstance(value, str):
+        return path or "prompt" if any("\ud800" <= c <= "\udfff" for c in value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = first_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 class Hub:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
@@ -141,6 +153,10 @@ class Hub:
         """Queue a job. The record exists before the engine is asked, since its first events can arrive
         in the same read as the reply."""
         client = self.engine()
+        where = first_surrogate(params)
+        if where is not None:  # JSON can carry them (\ud800), UTF-8 cannot: the wire would fail obscurely
+            where = where.replace("prompt.", "messages.", 1)  # a chat's messages travel as the prompt
+            raise EngineRefused(INVALID, f"{where} holds a lone surrogate, which is not text", where)
         count, most = params.get("workers", 2), int(self.info.get("max_workers", 0))
         if not 1 <= count <= most:  # checked here too: the record holds one state per worker
             raise EngineRefused(INVALID, f"workers must be between 1 and {most}", "workers")

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from server.errors import ApiError
 from server.hub import Hub
 from server.records import JobRecord
-from server.schemas import ChatRequest
+from server.schemas import ChatRequest, error_responses
 from server.sse import event_source
 
 DEFAULT_MAX_TOKENS = 512
@@ -55,7 +55,7 @@ def openai_routes(hub: Hub) -> APIRouter:
         entry = {"id": hub.model_name, "object": "model", "created": 0, "owned_by": "hogwild"}
         return {"object": "list", "data": [entry]}
 
-    @router.post("/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None, responses=error_responses(404, 408, 413, 429))
     async def chat(body: ChatRequest, request: Request) -> Response | dict[str, Any]:
         if body.model not in (None, "", hub.model_name):
             raise ApiError(404, f"model {body.model!r} is not served here", "model_not_found", "model")

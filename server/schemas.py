@@ -47,7 +47,11 @@ class HogwildOptions(BaseModel):
 
 class JobRequest(HogwildOptions):
     # Strict: "2" or true is no number of workers, "yes" no boolean (the OpenAI route stays lax).
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
+    )
 
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -110,3 +114,32 @@ class ChatRequest(HogwildOptions):
             "max_tokens": max_tokens,
             **self.sampling_params(),
         }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    field: str | None = None  # the offending input, where there is one
+    code: int  # the HTTP status again
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer: the shape OpenAI clients parse, naming the field for everyone else."""
+
+    error: ErrorDetail
+
+
+ERROR_MEANINGS = {
+    401: "missing or wrong API key",
+    404: "no such job or model",
+    408: "the request body stopped arriving",
+    413: "the body, or the prompt with the workers' budget, is too large",
+    422: "invalid input; the error names the field",
+    429: "the queue is full; retry after Retry-After seconds",
+    503: "the engine is starting, stalled or down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """What a route may answer besides success, for /openapi.json."""
+    return {status: {"description": ERROR_MEANINGS[status], "model": ErrorBody} for status in statuses}

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None  # Bearer token required on every /v1 route when set
     cors_origins: list[str] = []
     max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 30.0  # a request body that stops arriving this long gets 408
     retain_jobs: int = 1000  # ended jobs kept for GET and replay, oldest dropped first
     keepalive_s: float = 15.0  # SSE comment interval while a stream has nothing else to say
     ready_timeout_s: float = 1800.0  # first start may fetch and convert the default model

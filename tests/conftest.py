@@ -32,7 +32,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server on the tiny model for the whole session, requiring ``API_KEY``."""
-    with running_server(tiny_model_dir, tmp_path_factory.mktemp("server")) as running:
+    with running_server(
+        tiny_model_dir, tmp_path_factory.mktemp("server"), "--body-timeout-s", "2"
+    ) as running:
         yield running
 
 

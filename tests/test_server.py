@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -457,3 +458,35 @@ def test_a_hung_engine_is_detected_refused_and_restarted(tiny_model_dir: Path, t
         assert server.engine_pid() != engine
         again = submit(http, max_tokens=4)
         assert wait_for(http, again["id"], ("finished",))["usage"]["completion_tokens"] > 0
+
+
+def test_a_lone_surrogate_is_refused_naming_its_field(http: httpx.Client) -> None:
+    """JSON can carry one (\\ud800), UTF-8 cannot: the message leaked a codec error and named no field."""
+    json_type = {"content-type": "application/json"}
+    r = http.post("/v1/jobs", content=b'{"prompt": "hi \\ud800"}', headers=json_type)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "prompt", r.text
+    chat = b'{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "\\udc00"}]}'
+    r = http.post("/v1/chat/completions", content=chat, headers=json_type)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "messages.1.content", r.text
+    r = http.post("/v1/jobs", json={"prompt": "fine \U0001f600", "max_tokens": 2})  # a real astral char
+    assert r.status_code == 201
+
+
+def test_a_body_shorter_than_its_content_length_gets_408(server: ServerProcess) -> None:
+    """It held the connection open for good (the session's server waits 2 s for a body)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        sock.sendall((head + "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}").encode())
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+
+
+def test_the_openapi_document_lists_every_status_and_the_prompt_rule(server: ServerProcess) -> None:
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    create = spec["paths"]["/v1/jobs"]["post"]["responses"]
+    assert {"201", "401", "408", "413", "422", "429", "503"} <= set(create)
+    assert "404" in spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
+    body = spec["components"]["schemas"]["JobRequest"]
+    assert body["oneOf"] == [{"required": ["prompt"]}, {"required": ["messages"]}]
+    assert "error" in spec["components"]["schemas"]["ErrorBody"]["properties"]
