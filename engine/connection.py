@@ -26,7 +26,11 @@ ExitCallback = Callable[[str], None]
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine process is gone (or never came up)."""
+    """The engine process is gone (or never came up); ``status`` is its exit status where it exited."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class EngineRefused(Exception):
@@ -52,6 +56,7 @@ class EngineClient:
         self.dead: str | None = None
         self.timeout: float | None = None  # how long a command may wait for its reply
         self.last_heard = time.monotonic()  # when the engine last sent anything
+        self.status: int | None = None  # the process's exit status, once it has exited
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._numbers = itertools.count()
@@ -200,7 +205,7 @@ class EngineClient:
             return reason
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(process.wait(), 0.5)
-        code = process.returncode
+        code = self.status = process.returncode
         if code is None:
             return reason
         if code < 0:
@@ -214,5 +219,5 @@ class EngineClient:
                 future.set_exception(EngineUnavailable(reason))
         self._pending.clear()
         if not self._ready.done():
-            self._ready.set_exception(EngineUnavailable(reason))
+            self._ready.set_exception(EngineUnavailable(reason, self.status))
         self.on_exit(reason)

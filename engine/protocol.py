@@ -30,6 +30,7 @@ import msgpack
 from engine.errors import InvalidRequest
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+BAD_SETUP = 2  # the exit status of an engine that cannot load its model: no restart will help
 
 # Reply codes for refused requests; the server maps them to HTTP statuses.
 INVALID, TOO_LONG, QUEUE_FULL, NOT_FOUND, SHUTTING_DOWN = (

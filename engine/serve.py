@@ -296,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--fd", type=int, default=None, help="an inherited connected socket (spawned)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, **engine_options(args))
+    try:
+        engine = Engine.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, **engine_options(args)
+        )
+    except (OSError, ValueError) as exc:  # a path or hub id that does not resolve, a model it cannot serve
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("cannot serve the model %s: %s", args.model or DEFAULT_NAME, message)
+        return protocol.BAD_SETUP
     info = {
         "model": model_name(args.model),
         "max_workers": engine.options.max_workers,

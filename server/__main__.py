@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from types import FrameType
 
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
     )
-    DrainingServer(config, app.state.hub).run()
-    return 0
+    server = DrainingServer(config, app.state.hub)
+    app.state.stop_server = lambda: server.handle_exit(signal.SIGTERM, None)
+    server.run()
+    return int(app.state.exit_code)  # 2: the engine cannot serve the model (a bad path, say)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.connection import EngineUnavailable
+from engine.protocol import BAD_SETUP
 from server import errors
 from server.errors import ApiError
 from server.hub import Hub
@@ -98,6 +99,10 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as exc:
             hub.engine_error = f"the engine failed to start: {exc}"
             log.error(hub.engine_error)
+            stop = app.state.stop_server
+            if not hub.started and stop is not None:  # a bad set-up: stop, not serve 503 or retry for ever
+                app.state.exit_code = BAD_SETUP if getattr(exc, "status", None) == BAD_SETUP else 1
+                stop()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,6 +117,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Hogwild! inference server", version="0.1.0", lifespan=lifespan)
     app.state.hub = hub
     app.state.settings = settings
+    app.state.exit_code = 0
+    app.state.stop_server = None  # set by python -m server: how to stop when the engine cannot start
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout_s)
     if settings.cors_origins:
         app.add_middleware(

@@ -47,6 +47,7 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         self.stalled: str | None = None  # why the engine is thought stuck, while it is
+        self.started = False  # an engine came up once: only then is a dead one restarted
         self._heard_before_stall = 0.0  # the engine's last word when it was found stalled
         self._watch: asyncio.Task[None] | None = None
 
@@ -87,6 +88,7 @@ class Hub:
             )
         self.client.timeout = s.engine_stall_s
         self.engine_error = self.stalled = None
+        self.started = True
         self.metrics.engine_up.set(1)
         if self._watch is None:
             self._watch = asyncio.create_task(self._watchdog())
@@ -217,7 +219,7 @@ class Hub:
         self.engine_error = reason
         self.metrics.engine_up.set(0)
         self.store.fail_open(f"the engine stopped: {reason}")
-        if not self.stopping:
+        if not self.stopping and self.started:  # one that never came up is the set-up's fault: see app.py
             self.background(self._restart(reason))
 
     async def _restart(self, reason: str) -> None:

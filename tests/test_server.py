@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -490,3 +492,14 @@ def test_the_openapi_document_lists_every_status_and_the_prompt_rule(server: Ser
     body = spec["components"]["schemas"]["JobRequest"]
     assert body["oneOf"] == [{"required": ["prompt"]}, {"required": ["messages"]}]
     assert "error" in spec["components"]["schemas"]["ErrorBody"]["properties"]
+
+
+def test_a_model_that_cannot_be_served_stops_the_server_with_status_2(tmp_path: Path) -> None:
+    """It stayed up for good, answering 503 and restarting an engine that could only fail the same way."""
+    missing = tmp_path / "no-such-model"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOGWILD_") or k == "HOGWILD_CACHE"}
+    cmd = [sys.executable, "-m", "server", "--port", "0", "--model", str(missing)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT_S, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"cannot serve the model {missing}" in done.stderr
+    assert done.stderr.count("restarting") == 0
