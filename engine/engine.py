@@ -412,7 +412,7 @@ class Engine:
             job.holder.reserved = pages
             job.status = "prefill"
             if self.pool.prefix_cache:
-                self.pool.queries += len(job.prompt_left)
+                self.pool.queries += len(job.prompt_pages.tokens)
             job.reuse(self.pool, cached)
             self.running.append(job)
 

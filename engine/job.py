@@ -154,7 +154,6 @@ class Job:
         # logits give the first answer token (a prefill row asks for none).
         self.held_back = 1 if options.layout == "plain" else 0
         self.blocks: dict[str, Block] = {"common": Block("common")}
-        self.prompt_left = prompt_ids[: len(prompt_ids) - self.held_back]  # not yet in common
         self.static: list[tuple[str, list[int]]] = []  # the layout's static blocks, prefilled after it
         self.cached_tokens = 0  # prompt tokens read from the prefix cache instead of computed
         self.opening: list[Event] = []  # the openers' events, sent with the step that writes them
@@ -162,7 +161,8 @@ class Job:
         for name, text in self.layout.static_blocks():
             self.blocks[name] = Block(name)
             self.static.append((name, encode(text)))
-        self.prompt_pages = PromptPages(job_id, self.prompt_left, self.blocks["common"], self.holder)
+        prefilled = prompt_ids[: len(prompt_ids) - self.held_back]  # what common holds when prefilled
+        self.prompt_pages = PromptPages(job_id, prefilled, self.blocks["common"], self.holder)
         self.workers: list[Worker] = []
         for i in range(options.workers):
             block = Block(self.layout.worker_block(i))
@@ -197,15 +197,19 @@ class Job:
 
     # -- the prefix cache ---------------------------------------------------------------------------
 
+    @property
+    def prefilling(self) -> bool:
+        """Whether prompt tokens are not in common yet (common holds nothing else before them)."""
+        return len(self.blocks["common"]) < len(self.prompt_pages.tokens)
+
     def cached_run(self, pool: PagePool) -> list[int]:
-        return self.prompt_pages.cached_run(pool) if self.prompt_left else []
+        return self.prompt_pages.cached_run(pool) if self.prefilling else []
 
     def reuse(self, pool: PagePool, pages: list[int]) -> None:
         """Put cached pages at the end of ``common`` in place of computing their tokens."""
         if not pages:
             return
         ids = self.prompt_pages.attach(pool, pages)
-        self.prompt_left = self.prompt_left[len(ids) :]
         self.cached_tokens += len(ids)
         if self.options.trace:  # the reference computes these tokens; the engine read them
             row = TraceRow(-1, "common", ids, [("common", len(self.blocks["common"]))], reused=True)
@@ -255,7 +259,7 @@ class Job:
     def schedule(self, prefill_budget: int, pool: PagePool) -> tuple[list[tuple[int, Row]], int]:
         """This step's rows as (key, row): a worker's index, -1 for prefill, a branch's key; and what is
         left of the budget, which only computed prompt tokens use."""
-        if self.prompt_left:
+        if self.prefilling:
             return self._prefill_rows(prefill_budget, pool)
         return self._decode_rows(), prefill_budget
 
@@ -281,12 +285,12 @@ class Job:
         self.reuse(pool, self.cached_run(pool))
         if self.prompt_pages.waits(pool):
             return [], budget
-        common, ids = self.blocks["common"], self.prompt_left
+        common = self.blocks["common"]
+        ids = self.prompt_pages.tokens[len(common) :]
         take = min(len(ids), budget)
         self.prompt_pages.claim(pool, len(common) + take)
-        self.prompt_left = ids[take:]
         rows = [(-1, Row(ids[:take], common, [common], want_logits=False))]
-        if not self.prompt_left:
+        if take == len(ids):  # the prompt's last chunk
             for name, tokens in self.static:
                 view = [self.blocks[n] for n in self.layout.prefill_view(name)]
                 rows.append((-1, Row(tokens, self.blocks[name], view, want_logits=False)))

@@ -279,9 +279,9 @@ def parse_address(address: str) -> tuple[int, Any]:
 
 # -- a job's events: the SSE frames' data, field for field -------------------------------------------
 
-STATUSES = ("queued", "running", "finished", "cancelled", "failed")  # "queued" also while prefilled
+# A job is queued (also while prefilled), running, or ended; it ends with a finish reason: answer, stop,
+# length (finished), cancelled or error (failed).
 ENDED = ("finished", "cancelled", "failed")
-FINISH_REASONS = ("answer", "stop", "length", "cancelled", "error")
 STATUS_OF_REASON = {"cancelled": "cancelled", "error": "failed"}  # any other reason: finished
 
 
