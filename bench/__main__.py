@@ -1,6 +1,6 @@
-"""``python -m bench {engine,jobs,prefill,attention,serve,kernels,oracle} [...]``: each prints a table,
-writes JSON under bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a subcommand lists
-its flags."""
+"""``python -m bench {engine,jobs,prefill,attention,serve,reliability,kernels,oracle} [...]``: each prints
+a table, writes JSON under bench/results/ and, with ``--plot``, a PNG beside it. ``--help`` after a
+subcommand lists its flags."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from bench import (
     kernels_bench,
     oracle_bench,
     prefill_bench,
+    reliability_bench,
     serve_bench,
 )
 
@@ -24,6 +25,10 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "prefill": (prefill_bench, "inter-token latency of running jobs while a long prompt is admitted"),
     "attention": (attention_bench, "the Hogwild attention op alone vs plain decode attention"),
     "serve": (serve_bench, "load against a running server over HTTP"),
+    "reliability": (
+        reliability_bench,
+        "bad inputs, fuzzing, churn, hang-ups, a stopped and a killed engine, a soak: 5xx, leaks, gaps",
+    ),
     "kernels": (
         kernels_bench,
         "the Triton kernels compiled for sm_80/sm_90 on any machine: registers, spills",

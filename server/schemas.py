@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT32 = 2**31 - 1  # bounds for counts: the engine checks its own, smaller limits and names them
+# A bound on the list member only: on the union it was applied to a bool too, and raised (a 500).
+Strings = Annotated[list[str], Field(max_length=256)]
 
 
 class Message(BaseModel):
@@ -30,7 +32,7 @@ class HogwildOptions(BaseModel):
     top_p: float | None = None
     top_k: int | None = Field(None, ge=0, le=INT32)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = Field(None, max_length=256)
+    stop: str | Strings | None = None
     # OpenAI's: token ids (as strings) to a bias in [-100, 100]; the engine checks ids and values.
     logit_bias: dict[str, float] | None = Field(None, max_length=256)
     quick_check_every: int = Field(1024, ge=0, le=INT32)
@@ -38,7 +40,7 @@ class HogwildOptions(BaseModel):
     finisher_tokens: int = Field(16, ge=1, le=INT32)
     checkpoints: list[Annotated[int, Field(ge=1, le=INT32)]] | None = Field(None, max_length=64)
     instructions: str | None = Field(None, max_length=100)
-    suppress: bool | list[str] | None = Field(None, max_length=256)
+    suppress: bool | Strings | None = None
     answer_pattern: str | None = Field(None, max_length=500)
 
     def sampling_params(self) -> dict[str, Any]:
