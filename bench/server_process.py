@@ -39,9 +39,10 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    model_dir: Path, log_dir: Path, *flags: str, api_key: str | None = API_KEY
+    model_dir: Path, log_dir: Path, *flags: str, api_key: str | None = API_KEY, wait_ready: bool = True
 ) -> Iterator[ServerProcess]:
-    """Start the server, wait until /ready answers 200, and stop it (SIGTERM, then SIGKILL) afterwards."""
+    """Start the server, wait until /ready answers 200 (or only /health, without ``wait_ready``), and stop
+    it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOGWILD_") or k == "HOGWILD_CACHE"}
@@ -59,7 +60,8 @@ def running_server(
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                probe = "/ready" if wait_ready else "/health"
+                if httpx.get(f"{server.url}{probe}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

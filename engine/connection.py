@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
+import os
 import signal
 import socket
 import sys
@@ -23,6 +25,7 @@ from engine.protocol import parse_address
 
 EventsCallback = Callable[[dict[str, Any]], None]  # gets each "events" message whole
 ExitCallback = Callable[[str], None]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class EngineUnavailable(RuntimeError):
@@ -39,6 +42,24 @@ class EngineRefused(Exception):
     def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(message)
         self.code, self.message, self.field = code, message, field
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """What the spawned engine runs before it execs, so that the kernel kills it when its server dies,
+    however the server goes (a busy port, a signal during start-up, kill -9). Otherwise an engine still
+    loading its model keeps loading, and holds the GPU, with nobody to serve. Linux only; elsewhere the
+    engine ends when it finds its socket closed. libc is looked up here, in the parent: the child of a
+    threaded process should call nothing that may take a lock."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None).prctl, os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the server died before the prctl: nobody would signal
+            os._exit(1)
+
+    return in_child
 
 
 class EngineClient:
@@ -78,6 +99,7 @@ class EngineClient:
             str(theirs.fileno()),
             *args,
             pass_fds=(theirs.fileno(),),
+            preexec_fn=die_with_parent(),
         )
         theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)

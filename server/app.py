@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -91,12 +92,28 @@ class BodyLimit:
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     hub = Hub(settings, metrics)
+    started = time.monotonic()
 
     async def start_engine() -> None:
         try:
             await hub.start()
-            log.info("engine ready: %s", hub.info)
+            info = hub.info
+            log.info(
+                "ready: http://%s:%s (%s on %s, %s, %d KV pages of %d tokens, up to %d workers) in %.1f s",
+                settings.host,
+                settings.port,
+                info.get("model"),
+                info.get("device"),
+                info.get("dtype"),
+                info.get("total_pages", 0),
+                info.get("page_size", 0),
+                info.get("max_workers", 0),
+                time.monotonic() - started,
+            )
         except Exception as exc:
+            if settings.engine_address and isinstance(exc, EngineUnavailable):  # it may come up later
+                hub.background(hub.keep_starting(hub.why_not_started(exc)))
+                return
             hub.engine_error = f"the engine failed to start: {exc}"
             log.error(hub.engine_error)
             stop = app.state.stop_server

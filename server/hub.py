@@ -220,20 +220,31 @@ class Hub:
         self.metrics.engine_up.set(0)
         self.store.fail_open(f"the engine stopped: {reason}")
         if not self.stopping and self.started:  # one that never came up is the set-up's fault: see app.py
-            self.background(self._restart(reason))
+            again = "reconnecting" if self.settings.engine_address else "restarting the engine"
+            self.background(self.keep_starting(f"{reason}; {again}"))
 
-    async def _restart(self, reason: str) -> None:
-        """Start a new engine, backing off while starts fail; /ready says 503 with the reason meanwhile."""
-        delay = RESTART_DELAY_S
+    def why_not_started(self, exc: Exception) -> str:
+        address = self.settings.engine_address
+        return (
+            f"waiting for the engine at {address}: {exc}"
+            if address
+            else f"the engine failed to restart: {exc}"
+        )
+
+    async def keep_starting(self, reason: str) -> None:
+        """Start a new engine (or reach a standalone one, which may come up after the server), backing off
+        while that fails; /ready says 503 with the reason meanwhile."""
+        delay, again = RESTART_DELAY_S, self.started
         while not self.stopping:
-            self.engine_error = f"{reason}; restarting the engine"
+            self.engine_error = reason
             await asyncio.sleep(delay)
             try:
                 await self.start()
             except Exception as exc:
-                log.error("engine restart failed: %s", exc)
-                reason, delay = f"the engine failed to restart: {exc}", min(2 * delay, MAX_RESTART_DELAY_S)
+                reason, delay = self.why_not_started(exc), min(2 * delay, MAX_RESTART_DELAY_S)
+                log.error("%s (next try in %.0f s)", reason, delay)
                 continue
-            self.metrics.restarts.inc()
-            log.warning("engine restarted after: %s", reason)
+            if again:
+                self.metrics.restarts.inc()
+                log.warning("engine restarted after: %s", reason)
             return
