@@ -421,8 +421,8 @@ def engine_faults(server: ServerProcess, api_key: str | None) -> dict[str, Any]:
         def ready(status: int) -> Callable[[], bool]:
             return lambda: http.get("/ready").status_code == status
 
-        job = http.post("/v1/jobs", json={"prompt": PROMPT, "max_tokens": 5000, "quick_check_every": 0})
-        job_id = job.json()["id"]
+        with HogwildClient(server.url, api_key) as hog:
+            job_id = hog.submit(PROMPT, max_tokens=1000, quick_check_every=0)["id"]
         time_until(lambda: http.get(f"/v1/jobs/{job_id}").json()["workers"][0]["generated"] > 0)
         engine = server.engine_pid()
         os.kill(engine, signal.SIGSTOP)
