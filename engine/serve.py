@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -34,6 +35,9 @@ log = logging.getLogger("hogwild.engine")
 
 IDLE_WAIT_S = 0.5  # how long an idle engine sleeps in select before checking for shutdown
 TOKENIZE_POLL_S = 0.002  # how often an otherwise idle engine looks for a tokenized submission
+# While it has work, the engine logs what it is doing this often (as vLLM does): an operator reading the
+# log sees load and speed without a metrics stack.
+LOG_EVERY_S = float(os.environ.get("HOGWILD_LOG_EVERY_S", "10"))
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity: one per socket
@@ -76,6 +80,8 @@ class EngineService:
         self.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.tokenizer_copy = copy.deepcopy(engine.tokenizer)
         self.tokenizing: list[Tokenizing] = []
+        self.logged_at = time.monotonic()
+        self.tokens_since_log = 0
 
     # -- sockets ------------------------------------------------------------------------------------
 
@@ -247,7 +253,22 @@ class EngineService:
             events = self.engine.fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
         now = time.monotonic()
         self.step_times.append(now)
+        self.tokens_since_log += sum(ev.type == "token" and not ev.data["forced"] for ev in events)
         self._deliver(events, now - start)
+        if now - self.logged_at >= LOG_EVERY_S:
+            self._log_load(now)
+
+    def _log_load(self, now: float) -> None:
+        stats = self.engine.stats()
+        log.info(
+            "%d running, %d queued, %.1f generated tokens/s, KV pages %.0f%% used, prefix cache %.0f%% hit",
+            stats["running"],
+            stats["queued"],
+            self.tokens_since_log / (now - self.logged_at),
+            100 * stats["used_pages"] / max(1, stats["total_pages"]),
+            100 * stats["prefix_cache_hit_rate"],
+        )
+        self.logged_at, self.tokens_since_log = now, 0
 
     def _deliver(self, events: list[Any], step_s: float = 0.0) -> None:
         by_conn: dict[Connection, list[dict[str, Any]]] = {}

@@ -4,16 +4,20 @@ ops between a layer's matmuls (norms, SiLU x up, RoPE and the pool writes).
 A CPU decode step is the time to stream the weights from memory plus a long tail of small tensor ops; for
 one row oneDNN's bfloat16 path reaches about half of one core's read bandwidth, and the attention's gathers,
 re-rotations, masks and matmuls are each a separate pass with its own dispatch. The kernels do both in one
-pass (docs/BENCHMARKS.md). They are compiled with the system's C++ compiler on first use, once per torch
-version, into the model cache; where the CPU lacks AVX512-BF16 or the build fails, the engine keeps the
-plain torch paths.
+pass (docs/BENCHMARKS.md). They are compiled with the system's C++ compiler on first use into the model
+cache, in a folder keyed by what the build depends on (the sources, the flags, the compiler, torch), from
+a copy of the sources kept there, so two checkouts of the same code share one build and a changed source
+gets a build of its own; where the CPU lacks AVX512-BF16 or the build fails, the engine keeps the plain
+torch paths.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -21,7 +25,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("linear.cpp", "attention.cpp", "ops.cpp")
+HEADERS = ("simd.h",)
 ATTENTION_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # instances of the attention kernel's template
 # -ffast-math lets gcc call glibc's vector exp (libmvec) in the softmax; the kernels use no infinities.
 FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-mfma"] + [
@@ -45,9 +51,7 @@ def load_cpu_kernels() -> bool:
     """Builds (first time) and loads the kernels as ``torch.ops.hogwild_cpu``; False where they cannot be."""
     if not cpu_has_bf16_dot():
         return False
-    from torch.utils.cpp_extension import load
-
-    from engine.loader import cache_dir
+    from engine.loader import cache_dir, timed
 
     try:  # torch runs `ninja` from PATH, which a virtual environment's scripts folder need not be on
         import ninja
@@ -56,26 +60,52 @@ def load_cpu_kernels() -> bool:
     except ImportError:
         pass
 
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
-    log.info("loading the CPU kernels (compiled once into %s)", build)
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}-{build_key()}"
     try:
-        build.mkdir(parents=True, exist_ok=True)
-        # torch's own lock is a file that a build killed half-way leaves behind, and then every later
-        # start waits on it forever. An flock dies with its process: holding it, no build of ours is
-        # running, so torch's file can only be stale.
-        with open(build / "hogwild.lock", "w") as held:
-            fcntl.flock(held, fcntl.LOCK_EX)
-            (build / "lock").unlink(missing_ok=True)
-            load(
-                name="hogwild_cpu",
-                sources=[str(Path(__file__).parent / "csrc" / name) for name in SOURCES],
-                extra_cflags=FLAGS,
-                extra_ldflags=["-lmvec"],
-                build_directory=str(build),
-                is_python_module=False,
-            )
+        with timed(f"loading the CPU kernels (compiled once into {build})"):
+            build_kernels(build)
     except Exception as e:  # no compiler, no ninja, a read-only cache: the torch paths still work
         errors = [line for line in str(e).splitlines() if "error" in line.lower()][:3]
         log.warning("CPU kernels unavailable, using the torch paths: %s", " | ".join(errors) or e)
         return False
     return True
+
+
+def build_key() -> str:
+    """A digest of everything the build depends on but torch's version, which names the folder."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in SOURCES + HEADERS:
+        digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        digest.update(subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout)
+    except (OSError, subprocess.TimeoutExpired):
+        digest.update(compiler.encode())
+    return digest.hexdigest()
+
+
+def build_kernels(build: Path) -> None:
+    from torch.utils.cpp_extension import load
+
+    sources = build / "src"
+    sources.mkdir(parents=True, exist_ok=True)
+    # torch's own lock is a file that a build killed half-way leaves behind, and then every later start
+    # waits on it forever. An flock dies with its process: holding it, no build of ours is running, so
+    # torch's file can only be stale.
+    with open(build / "hogwild.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        for name in SOURCES + HEADERS:  # one path per build for every checkout, touched only if new
+            code = (CSRC / name).read_bytes()
+            copy = sources / name
+            if not copy.exists() or copy.read_bytes() != code:
+                copy.write_bytes(code)
+        load(
+            name="hogwild_cpu",
+            sources=[str(sources / name) for name in SOURCES],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-lmvec"],
+            build_directory=str(build),
+            is_python_module=False,
+        )
