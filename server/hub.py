@@ -90,6 +90,14 @@ class Hub:
         self.engine_error = self.stalled = None
         self.started = True
         self.metrics.engine_up.set(1)
+        info = self.client.info
+        self.metrics.model.info(
+            {
+                "model_name": self.model_name,
+                "device": str(info.get("device")),
+                "dtype": str(info.get("dtype")),
+            }
+        )
         if self._watch is None:
             self._watch = asyncio.create_task(self._watchdog())
 
@@ -174,6 +182,7 @@ class Hub:
                 self.metrics.rejected.labels(exc.code).inc()
             raise
         record.prompt_tokens = result["prompt_tokens"]
+        self.metrics.prompt_tokens.inc(record.prompt_tokens)
         record.options.update(result.get("options") or {})  # what the engine resolved (sampling, preset)
         return record
 
@@ -191,12 +200,15 @@ class Hub:
             record = self.store.get(ev["job_id"])
             if record is None:
                 continue
+            if record.status == "queued":
+                self.metrics.queue_time.observe(now - record.created)
             sse = record.apply(ev)
             touched[record.id] = record
             if sse.type == "token":
                 self._count_token(record, sse.data, now)
             elif sse.type == "done":
                 self.metrics.jobs.labels(record.finish_reason).inc()
+                self.metrics.e2e.observe(now - record.created)
                 for w in record.workers:
                     self._last_token.pop((record.id, w.index), None)
         for record in touched.values():

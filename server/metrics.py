@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+JOB_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
 class Metrics:
@@ -18,6 +19,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.engine_up = Gauge("hogwild_engine_up", "1 while the engine process is alive", registry=r)
+        # One series with the model's name as a label, to join on (model_name, as vLLM labels it).
+        self.model = Info("hogwild_model", "the model the engine serves", registry=r)
         self.restarts = Counter("hogwild_engine_restarts", "engines restarted after dying", registry=r)
         self.jobs_running = Gauge("hogwild_jobs_running", "jobs being decoded", registry=r)
         self.jobs_queued = Gauge("hogwild_jobs_queued", "jobs waiting for pages", registry=r)
@@ -25,6 +28,9 @@ class Metrics:
         self.pages_used = Gauge("hogwild_pool_pages_used", "pages holding tokens", registry=r)
         self.pages_reserved = Gauge(
             "hogwild_pool_pages_reserved", "pages held or reserved by admitted jobs", registry=r
+        )
+        self.kv_usage = Gauge(
+            "hogwild_kv_cache_usage_ratio", "share of the KV pool's pages holding tokens (0-1)", registry=r
         )
         self.pages_evictable = Gauge(
             "hogwild_pool_pages_evictable",
@@ -53,6 +59,19 @@ class Metrics:
         )
         self.tokens = Counter("hogwild_tokens_generated", "tokens sampled by workers", registry=r)
         self.forced = Counter("hogwild_tokens_forced", "tokens written for workers", registry=r)
+        self.prompt_tokens = Counter("hogwild_prompt_tokens", "prompt tokens of jobs admitted", registry=r)
+        self.e2e = Histogram(
+            "hogwild_e2e_job_latency_seconds",
+            "job creation to its done event, however it ended",
+            registry=r,
+            buckets=JOB_BUCKETS,
+        )
+        self.queue_time = Histogram(
+            "hogwild_job_queue_time_seconds",
+            "job creation to its first event (waiting for pages and for its turn)",
+            registry=r,
+            buckets=JOB_BUCKETS,
+        )
         self.ttft = Histogram(
             "hogwild_time_to_first_token_seconds",
             "job creation to first sampled token",
@@ -74,6 +93,7 @@ class Metrics:
         self.jobs_queued.set(stats["queued"])
         self.pages_total.set(stats["total_pages"])
         self.pages_used.set(stats["used_pages"])
+        self.kv_usage.set(stats["used_pages"] / max(1, stats["total_pages"]))
         self.pages_reserved.set(stats["total_pages"] - stats["free_pages"])
         self.steps_per_second.set(stats["steps_per_second"])
         self.graph_replays.set(stats["graph_replays"])

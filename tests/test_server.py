@@ -275,6 +275,15 @@ def test_jobs_list_and_metrics(http: httpx.Client, server: ServerProcess) -> Non
     assert values["hogwild_pool_pages_total"] > 0
     assert values["hogwild_engine_graph_replays"] == 0  # CUDA graphs exist only on a GPU
     assert values['hogwild_jobs_total{finish_reason="length"}'] >= 1
+    # What Prometheus users of vLLM look for: job latency and queue time, prompt tokens, KV usage, model.
+    assert values["hogwild_e2e_job_latency_seconds_count"] >= 1
+    assert values["hogwild_job_queue_time_seconds_count"] >= 1
+    prompt_tokens = http.get(f"/v1/jobs/{job['id']}").json()["usage"]["prompt_tokens"]
+    assert values["hogwild_prompt_tokens_total"] >= prompt_tokens > 0
+    assert 0 <= values["hogwild_kv_cache_usage_ratio"] <= 1
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    info = [k for k in values if k.startswith("hogwild_model_info{") and f'model_name="{model}"' in k]
+    assert len(info) == 1 and values[info[0]] == 1 and 'device="cpu"' in info[0], info
 
 
 def test_the_official_openai_client_works_unchanged(server: ServerProcess) -> None:
