@@ -417,6 +417,8 @@ class Engine:
             self.running.append(job)
 
     def _retire(self, job: Job) -> None:
+        """An ended job leaves the engine: its events are sent, and the server keeps the record."""
+        self.jobs.pop(job.id, None)
         if job in self.running:
             self.running.remove(job)
             job.release(self.pool)
