@@ -7,12 +7,17 @@ const KEY_STORAGE = "hogwild_key";
 const COLOR_COUNT = 8; // style.css defines .c0 ... .c7
 const ENDED = new Set(["finished", "cancelled", "failed"]);
 const STATUS_OF_REASON = { cancelled: "cancelled", error: "failed" };
+const STATUS_RANK = { queued: 0, running: 1, finished: 2, cancelled: 2, failed: 2 };
 const STATS_EVERY_MS = 5000;
+const CLOCK_EVERY_MS = 200;
+const MODEL_RETRY_MAX_MS = 10000;
 
 const $ = (id) => document.getElementById(id);
 
 // The job on screen. `lastSeq` makes duplicate events (a reconnect that resends) harmless; `timed` is false
-// for a replay, whose token speeds would only measure the replay.
+// for a replay, whose token speeds would only measure the replay: an ended job's speeds come from the
+// server's record instead (`final`), the same figures a live view ends on. `stopped` freezes the clock
+// between the done event and the job object that carries the server's duration.
 const view = {
   job: null,
   source: null,
@@ -21,6 +26,8 @@ const view = {
   historyCount: 0,
   timed: false,
   opened: 0,
+  stopped: null,
+  final: null,
   frame: 0,
 };
 
@@ -91,13 +98,33 @@ function workerName(index) {
   return w ? w.name : `Worker ${index + 1}`;
 }
 
+// A job's `prompt` is the problem as submitted, or the chat messages of the OpenAI route.
 function promptOf(job) {
-  if (typeof job.prompt === "string") return job.prompt;
-  const opts = job.options || {};
-  if (typeof opts.prompt === "string") return opts.prompt;
-  const messages = job.messages || opts.messages;
-  if (Array.isArray(messages) && messages.length) return String(messages[messages.length - 1].content || "");
-  return "";
+  if (!Array.isArray(job.prompt)) return String(job.prompt || "");
+  if (job.prompt.length === 1) return String(job.prompt[0].content || "");
+  return job.prompt.map((m) => `${m.role}: ${m.content}`).join("\n");
+}
+
+// What the job list calls a job: the problem, or a chat's first user message, on one line.
+function titleOf(job) {
+  const messages = Array.isArray(job.prompt) ? job.prompt : [];
+  const first = messages.find((m) => m.role === "user");
+  const text = first ? String(first.content || "") : promptOf(job);
+  return text.replace(/\s+/g, " ").trim() || job.id;
+}
+
+// The later of two statuses: a list fetched before an event arrived must not undo what the event said.
+function laterStatus(a, b) {
+  return (STATUS_RANK[b] || 0) > (STATUS_RANK[a] || 0) ? b : a;
+}
+
+function duration(seconds) {
+  if (seconds < 60) return `${seconds.toFixed(1)} s`;
+  return `${Math.floor(seconds / 60)} min ${String(Math.floor(seconds % 60)).padStart(2, "0")} s`;
+}
+
+function speed(tokens, seconds) {
+  return `${(tokens / seconds).toFixed(1)} tok/s`;
 }
 
 function clock(seconds) {
@@ -111,11 +138,39 @@ function showBanner(node, text) {
 
 /* ---------- the job view ---------- */
 
-function setStatus(status) {
-  const badge = $("job-status");
+function paintStatus(badge, status) {
   badge.textContent = status;
   badge.className = `status s-${status}`;
+}
+
+// The job on screen and its entry in the job list move together, as its events arrive.
+function setStatus(status) {
+  view.job.status = status;
+  paintStatus($("job-status"), status);
+  const item = document.querySelector(`#jobs li[data-id="${CSS.escape(view.job.id)}"] .status`);
+  if (item) paintStatus(item, status);
   $("cancel").disabled = ENDED.has(status);
+  renderClock();
+}
+
+// Elapsed time while the job runs, the server's duration once it ended; total tokens/s beside it.
+function renderClock() {
+  const job = view.job;
+  const timings = job.timings || {};
+  const ended = ENDED.has(job.status);
+  let seconds = timings.duration_s;
+  if (seconds == null && timings.created) {
+    seconds = Math.max(0, (view.stopped || Date.now() / 1000) - timings.created);
+  }
+  $("job-clock").textContent = seconds == null ? "" : `${ended ? "took" : "elapsed"} ${duration(seconds)}`;
+  let total = "";
+  if (view.final) {
+    total = speed(view.final.generated.reduce((a, b) => a + b, 0), view.final.seconds);
+  } else if (view.timed && seconds) {
+    const generated = view.workers.reduce((n, w) => n + (w ? w.generated : 0), 0);
+    if (generated) total = speed(generated, seconds);
+  }
+  $("job-speed").textContent = total && `${total} in all`;
 }
 
 function addWorker(index, name) {
@@ -132,7 +187,7 @@ function addWorker(index, name) {
   card.append(head, text, foot);
   $("worker-grid").append(card);
   const w = {
-    name, card, text, stats, state,
+    index, name, card, text, stats, state,
     segment: null, segmentForced: null,
     generated: 0, forced: 0, step: 0, checks: 0,
     last: 0, finish: null, dirty: true, stick: true,
@@ -152,9 +207,12 @@ function worker(index) {
 
 function renderWorker(w) {
   const parts = [`${w.generated} tok`];
-  // Measured from when the stream opened, so it includes the wait for prefill: what the user experiences.
-  if (view.timed && w.generated && w.last > view.opened) {
-    parts.push(`${(w.generated / ((w.last - view.opened) / 1000)).toFixed(1)} tok/s`);
+  // Live: measured from when the stream opened, so it includes the wait for prefill, what the user
+  // experiences. Ended: the worker's generated tokens over the job's duration, as the server recorded them.
+  if (view.final) {
+    parts.push(speed(view.final.generated[w.index] || 0, view.final.seconds));
+  } else if (view.timed && w.generated && w.last > view.opened) {
+    parts.push(speed(w.generated, (w.last - view.opened) / 1000));
   }
   w.stats.textContent = parts.join(" · ");
   const state = [`step ${w.step || 1}`];
@@ -194,6 +252,14 @@ function onToken(d) {
   if (typeof d.step === "number") w.step = d.step;
   w.dirty = true;
   schedule();
+}
+
+// The job's workers where the reader can see them: on a phone the form above them can fill the screen.
+function reveal() {
+  const first = $("worker-grid").firstElementChild;
+  if (first && first.getBoundingClientRect().top > window.innerHeight * 0.6) {
+    $("job").scrollIntoView({ block: "start" });
+  }
 }
 
 function addHistory(item) {
@@ -245,6 +311,7 @@ function onFinal(d) {
 function onDone(d) {
   view.source.close();
   view.source = null;
+  view.stopped = Date.now() / 1000;
   const reason = d.finish_reason || "?";
   const done = $("done");
   done.replaceChildren();
@@ -269,15 +336,19 @@ function onDone(d) {
 }
 
 function applyJob(job) {
+  const status = view.job && view.job.id === job.id ? laterStatus(job.status, view.job.status) : job.status;
   view.job = job;
-  setStatus(job.status);
   const timings = job.timings || {};
+  if (ENDED.has(job.status) && timings.duration_s) {
+    view.final = { seconds: timings.duration_s, generated: (job.workers || []).map((w) => w.generated) };
+    for (const w of view.workers) if (w) w.dirty = true;
+  }
+  setStatus(status);
   const meta = [];
   if (job.model) meta.push(job.model);
   const opts = job.options || {};
   if (opts.layout) meta.push(opts.layout);
   if (timings.ttft_s != null) meta.push(`first token ${timings.ttft_s.toFixed(2)} s`);
-  if (timings.duration_s != null) meta.push(`${timings.duration_s.toFixed(1)} s`);
   $("job-meta").textContent = meta.join(" · ");
   for (const info of job.workers || []) {
     const w = view.workers[info.index];
@@ -297,6 +368,8 @@ function resetView(job) {
   view.lastSeq = -1;
   view.workers = [];
   view.historyCount = 0;
+  view.stopped = null;
+  view.final = null;
   $("worker-grid").replaceChildren();
   $("history").replaceChildren();
   $("history-empty").hidden = false;
@@ -311,7 +384,7 @@ function resetView(job) {
   $("welcome").hidden = true;
   $("job").hidden = false;
   $("job-id").textContent = job.id;
-  $("job-prompt").textContent = promptOf(job);
+  $("job-prompt").textContent = promptOf(job).trim();
   $("job-prompt").hidden = !$("job-prompt").textContent;
   const count = Math.max((job.options && job.options.workers) || 0, (job.workers || []).length);
   const names = new Map((job.workers || []).map((w) => [w.index, w.name]));
@@ -342,10 +415,7 @@ function follow(job) {
       view.lastSeq = seq;
     }
     $("stream-note").textContent = "";
-    if (view.job.status === "queued" || view.job.status === "prefill") {
-      view.job.status = "running";
-      setStatus("running");
-    }
+    if (view.job.status === "queued") setStatus("running"); // as the server's record does on any event
     handler(JSON.parse(ev.data));
   };
   for (const [name, handler] of Object.entries(HANDLERS)) source.addEventListener(name, guard(handler));
@@ -367,6 +437,7 @@ function follow(job) {
 async function openJob(id) {
   try {
     follow(await api("GET", `v1/jobs/${encodeURIComponent(id)}`));
+    reveal();
   } catch (err) {
     $("welcome").hidden = true;
     $("job").hidden = false;
@@ -388,15 +459,16 @@ async function loadJobs() {
     return;
   }
   const items = jobs.map((job) => {
-    const li = el("li", job.id === (view.job && view.job.id) ? "current" : "");
+    const current = view.job && view.job.id === job.id;
+    const li = el("li", current ? "current" : "");
     li.dataset.id = job.id;
     const button = el("button", "job-item");
     button.type = "button";
     const top = el("div", "job-line");
-    top.append(el("span", `status s-${job.status}`, job.status), el("span", "muted", clock((job.timings || {}).created)));
-    const text = promptOf(job) || job.id;
+    const status = current ? laterStatus(job.status, view.job.status) : job.status;
+    top.append(el("span", `status s-${status}`, status), el("span", "muted", clock((job.timings || {}).created)));
     const answer = job.answer === null || job.answer === undefined ? "" : `→ ${job.answer}`;
-    button.append(top, el("div", "job-prompt", text), el("div", "job-answer", answer));
+    button.append(top, el("div", "job-prompt", titleOf(job)), el("div", "job-answer", answer));
     button.title = job.id;
     button.addEventListener("click", () => openJob(job.id));
     li.append(button);
@@ -407,13 +479,29 @@ async function loadJobs() {
   $("jobs-empty").hidden = items.length > 0;
 }
 
-async function loadModel() {
+// Asked again, less and less often, until the server names its model: a page opened while the engine
+// loads would otherwise say "model unknown" for good. A missing key waits for the key to change instead.
+let modelAsk = 0;
+let modelTimer = 0;
+async function loadModel(attempt = 0) {
+  clearTimeout(modelTimer);
+  const ask = ++modelAsk;
+  let label;
+  let known = true;
   try {
     const body = await api("GET", "v1/models");
     const first = body && body.data && body.data[0];
-    $("model").textContent = first ? first.id : "no model";
+    label = first ? first.id : "no model";
+    known = Boolean(first);
   } catch (err) {
-    $("model").textContent = err.status === 401 ? "API key needed" : "model unknown";
+    label = err.status === 401 ? "API key needed" : err.status === 503 ? "model loading…" : "model unknown";
+    known = err.status === 401;
+  }
+  if (ask !== modelAsk) return; // a newer question (the key changed) answers instead
+  $("model").textContent = label;
+  $("model").title = label;
+  if (!known) {
+    modelTimer = setTimeout(() => loadModel(attempt + 1), Math.min(1000 * 2 ** attempt, MODEL_RETRY_MAX_MS));
   }
 }
 
@@ -469,9 +557,8 @@ async function submit(event) {
   button.disabled = true;
   try {
     const body = readForm();
-    const job = await api("POST", "v1/jobs", body);
-    if (!promptOf(job)) job.prompt = body.prompt; // the job object need not echo the problem back
-    follow(job);
+    follow(await api("POST", "v1/jobs", body));
+    reveal();
     loadJobs();
   } catch (err) {
     if (err.field && $(err.field)) $(err.field).classList.add("invalid");
@@ -517,6 +604,9 @@ function init() {
   loadJobs();
   loadStats();
   setInterval(() => { if (!document.hidden) loadStats(); }, STATS_EVERY_MS);
+  setInterval(() => {
+    if (view.job && !ENDED.has(view.job.status) && !document.hidden) renderClock();
+  }, CLOCK_EVERY_MS);
   // The address names the job on screen, so reloading, links and the back button reopen it.
   const openFromHash = () => {
     const id = decodeURIComponent(location.hash.slice(1));
