@@ -453,12 +453,14 @@ def rss_mb(pid: int) -> float:
 
 
 def soak(server: ServerProcess, api_key: str | None, seconds: float, concurrency: int) -> dict[str, Any]:
-    start_rss = (rss_mb(server.process.pid), rss_mb(server.engine_pid()))
+    """Churn rounds until ``seconds`` are up; RSS (MB) of the server and the engine after each round, so a
+    leak shows as a slope and a warm-up as a step that levels off."""
+    rss = [(rss_mb(server.process.pid), rss_mb(server.engine_pid()))]
     rounds: list[dict[str, Any]] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         rounds.append(churn(server.url, api_key, 4 * concurrency, concurrency))
-    end_rss = (rss_mb(server.process.pid), rss_mb(server.engine_pid()))
+        rss.append((rss_mb(server.process.pid), rss_mb(server.engine_pid())))
     return {
         "seconds": seconds,
         "jobs": sum(r["jobs"] for r in rounds),
@@ -466,8 +468,8 @@ def soak(server: ServerProcess, api_key: str | None, seconds: float, concurrency
         "gaps": sum(r["gaps"] + r["duplicates"] for r in rounds),
         "leaked_pages": rounds[-1]["leaked_pages"] if rounds else 0,
         "health_p99_ms": max((r["health_p99_ms"] for r in rounds), default=0),
-        "server_rss_mb": list(map(round, (start_rss[0], end_rss[0]))),
-        "engine_rss_mb": list(map(round, (start_rss[1], end_rss[1]))),
+        "server_rss_mb": [round(server_mb) for server_mb, _ in rss],
+        "engine_rss_mb": [round(engine_mb) for _, engine_mb in rss],
     }
 
 
