@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine import Engine
 from engine.layers.attention import CpuAttention
 from engine.layers.backends import ATTENTION_BACKENDS, resolve_attention
-from engine.layers.cpu_kernels import load_cpu_kernels
+from engine.layers.cpu_kernels import build_dir, load_cpu_kernels
 from engine.layers.linear import KERNEL_MAX_ROWS, Linear
 from tests.attention_cases import CASES, compare, random_step
 from tests.models import tiny_model
@@ -112,10 +112,10 @@ def test_a_build_killed_half_way_does_not_block_the_next_start(tmp_path: Any) ->
     start then waited on it forever."""
     from engine.loader import cache_dir
 
-    build = f"kernels/torch-{torch.__version__}"
+    build = build_dir().relative_to(cache_dir())
     shutil.copytree(cache_dir() / build, tmp_path / build)  # built already: loading is all that is left
     (tmp_path / build / "lock").touch()
-    code = "from engine.layers.cpu_kernels import load_cpu_kernels; print(load_cpu_kernels())"
+    code = "from engine.layers.cpu_kernels import build_dir, load_cpu_kernels; print(load_cpu_kernels())"
     env = os.environ | {"HOGWILD_CACHE": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "True", done.stderr[-2000:]

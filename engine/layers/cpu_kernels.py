@@ -51,7 +51,7 @@ def load_cpu_kernels() -> bool:
     """Builds (first time) and loads the kernels as ``torch.ops.hogwild_cpu``; False where they cannot be."""
     if not cpu_has_bf16_dot():
         return False
-    from engine.loader import cache_dir, timed
+    from engine.loader import timed
 
     try:  # torch runs `ninja` from PATH, which a virtual environment's scripts folder need not be on
         import ninja
@@ -60,7 +60,7 @@ def load_cpu_kernels() -> bool:
     except ImportError:
         pass
 
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}-{build_key()}"
+    build = build_dir()
     try:
         with timed(f"loading the CPU kernels (compiled once into {build})"):
             build_kernels(build)
@@ -69,6 +69,13 @@ def load_cpu_kernels() -> bool:
         log.warning("CPU kernels unavailable, using the torch paths: %s", " | ".join(errors) or e)
         return False
     return True
+
+
+def build_dir() -> Path:
+    """Where the kernels are built: one folder per torch version and build key, shared by every checkout."""
+    from engine.loader import cache_dir
+
+    return cache_dir() / "kernels" / f"torch-{torch.__version__}-{build_key()}"
 
 
 def build_key() -> str:
