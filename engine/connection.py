@@ -53,13 +53,19 @@ def die_with_parent() -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     prctl, parent = ctypes.CDLL(None).prctl, os.getpid()
+    return lambda: bind_to_parent(parent, prctl)
 
-    def in_child() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the server died before the prctl: nobody would signal
-            os._exit(1)
 
-    return in_child
+def bind_to_parent(parent: int, prctl: Callable[..., int] | None = None) -> None:
+    """In a child: the kernel kills it when ``parent`` dies (Linux; elsewhere nothing). ``prctl`` looked up
+    beforehand where the child may not take locks (between fork and exec)."""
+    if prctl is None:
+        if not sys.platform.startswith("linux"):
+            return
+        prctl = ctypes.CDLL(None).prctl
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the prctl: nobody would signal
+        os._exit(1)
 
 
 class EngineClient:

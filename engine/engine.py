@@ -19,11 +19,11 @@ from engine.collab import GUARDED_TEXT, check_answer_pattern
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.job import Job
 from engine.layers.backends import ATTENTION_BACKENDS, resolve_attention
-from engine.layers.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
-from engine.layers.rotary import Rotary
-from engine.model_runner import ModelRunner, Row
-from engine.models.llama import LlamaModel, ModelShape
+from engine.layers.cpu_kernels import cpu_has_bf16_dot
+from engine.model_runner import Row
+from engine.models.llama import ModelShape
 from engine.pages import PagePool
+from engine.parallel import Followers, RankSetup, build_runner, check_devices, check_divides
 from engine.prompts import BUILTIN, Preset, load_presets
 from engine.protocol import EngineOptions, Event, JobOptions
 from engine.sampling import SamplingParams, sample, sampling_defaults
@@ -62,37 +62,47 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         state = hf_model.state_dict()
-        self.shape = ModelShape.from_config(config, state)
-        self.options.attention = resolve_attention(
-            self.options.attention, self.device, self.dtype, self.shape.head_dim, self.options.cpu_kernels
-        )
-        if self.options.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}")
-        rotary = Rotary(config, self.shape.head_dim, self.device)
-        with torch.device("meta"):
-            model = LlamaModel(self.shape)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.load_hf_state({k: v.to(self.device) for k, v in state.items()})
-        model.eval()
+        whole = ModelShape.from_config(config, state)
         opts = self.options
-        if (
-            opts.cpu_kernels
-            and self.device.type == "cpu"
-            and self.dtype == torch.bfloat16
-            and load_cpu_kernels()
-        ):
-            model.use_kernel(torch.ops.hogwild_cpu.linear_bf16)
-        self.model = model
-        self.pool = PagePool(self._num_pages(), self.options.page_size, self.options.prefix_cache)
-        self.runner = ModelRunner(
-            model,
-            rotary,
-            self.pool,
-            self.options.attention,
-            self.dtype,
-            cuda_graphs=opts.cuda_graphs and self.device.type == "cuda",
-            fused_ops=opts.fused_ops,
+        world = opts.tensor_parallel
+        if world < 1:
+            raise ValueError("tensor_parallel must be at least 1")
+        check_divides(whole, world)
+        check_devices(self.device, world)
+        self.shape = whole.sharded(world)  # rank 0's share; vocab_size and positions are the model's
+        opts.attention = resolve_attention(
+            opts.attention, self.device, self.dtype, self.shape.head_dim, opts.cpu_kernels
         )
+        if opts.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}")
+        self.pool = PagePool(self._num_pages(), opts.page_size, opts.prefix_cache)
+        setup = RankSetup(
+            config,
+            state,
+            whole,
+            world,
+            str(self.device),
+            self.dtype,
+            runner={
+                "attention": opts.attention,
+                "cuda_graphs": opts.cuda_graphs and self.device.type == "cuda",
+                "fused_ops": opts.fused_ops,
+            },
+            num_pages=self.pool.num_pages,
+            page_size=opts.page_size,
+            cpu_kernels=opts.cpu_kernels,
+            threads=torch.get_num_threads(),
+        )
+        self.followers = Followers(setup) if world > 1 else None
+        try:
+            self.runner = build_runner(setup, 0, self.pool, self.followers)
+        except Exception as exc:
+            if self.followers is not None:
+                self.followers.built(f"rank 0: {type(exc).__name__}: {exc}")
+            raise
+        if self.followers is not None:
+            self.followers.built(None)
+        self.model = self.runner.model
         self.eos_ids = self._eos_ids(hf_model)
         self.default_sampling = sampling_defaults(hf_model)
         self.presets: dict[str, Preset] = {**BUILTIN, **(load_presets(opts.presets) if opts.presets else {})}
@@ -422,6 +432,12 @@ class Engine:
         if job in self.running:
             self.running.remove(job)
             job.release(self.pool)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (an engine of one rank holds nothing to stop)."""
+        if self.followers is not None:
+            self.followers.close()
+            self.followers = None
 
     def stats(self) -> dict[str, Any]:
         pool = self.pool

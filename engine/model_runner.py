@@ -8,7 +8,8 @@ sampled tokens are read back. Steps of the fused kernel can be replayed from CUD
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,9 @@ from engine.pages import Block, PageHolder, PagePool
 from engine.step_batch import Staging, StepBatch
 from engine.step_graphs import StepGraphs
 
+if TYPE_CHECKING:
+    from engine.parallel import Followers
+
 
 @dataclass
 class Row:
@@ -36,6 +40,9 @@ class Row:
 
 
 class ModelRunner:
+    """The forward pass of one rank. With tensor parallelism (engine/parallel.py) rank 0's runner sends
+    each step's packed rows and each page move to its ``peers`` first, and every rank runs them alike."""
+
     def __init__(
         self,
         model: LlamaModel,
@@ -45,9 +52,10 @@ class ModelRunner:
         dtype: torch.dtype,
         cuda_graphs: bool = False,
         fused_ops: bool = True,
+        peers: Followers | None = None,
     ):
         shape = model.shape
-        self.model, self.rotary, self.pool, self.dtype = model, rotary, pool, dtype
+        self.model, self.rotary, self.pool, self.dtype, self.peers = model, rotary, pool, dtype, peers
         self.device = rotary.device
         self.attention: Attention = ATTENTION_BACKENDS[attention]()
         # The small ops fused as the attention is: by Triton with Triton, by the C++ kernels with C++.
@@ -74,14 +82,22 @@ class ModelRunner:
         Every row's block has already been extended by its tokens (``write_slots`` are their slots), so the
         views' lengths include this step's tokens of all rows.
         """
-        batch = self.plan(rows, write_slots)
+        batch = self.pack(rows, write_slots)
+        if self.peers is not None:
+            self.peers.send("run_batch", batch)
+        return self.run_batch(batch)
+
+    def run_batch(self, batch: StepBatch) -> torch.Tensor:
+        """Logits of a packed batch, whose attention is planned here: each rank plans its own from the
+        same rows, at the same time, rather than wait for rank 0's plan."""
+        batch = replace(batch, plan=self.plan(batch.plan))
         hidden = self.graphs.run(batch) if self.graphs is not None else None
         if hidden is None:
             hidden = self.forward(batch.with_tensors(self.staging.send(batch.tensors)))
         return self.model.logits(hidden)
 
-    def plan(self, rows: list[Row], write_slots: list[torch.Tensor]) -> StepBatch:
-        """The step's inputs on the host."""
+    def pack(self, rows: list[Row], write_slots: list[torch.Tensor]) -> StepBatch:
+        """The step's inputs on the host, with the rows' specs where the attention's plan goes."""
         specs, ids, last = [], [], []
         q_pos: list[int] = []
         k_pos: list[int] = []
@@ -100,20 +116,22 @@ class ModelRunner:
             start += n
             if row.want_logits:
                 last.append(start - 1)
-        attention = self.attention
-        plan = (
-            attention.host_plan(specs)
-            if isinstance(attention, FusedAttention)
-            else attention.plan(specs, self.rotary, self.dtype)
-        )
         return StepBatch(
             ids=torch.tensor(ids, dtype=torch.int32),
             write_slots=torch.cat(write_slots).to(torch.int32),
             q_pos=torch.tensor(q_pos, dtype=torch.int32),
             k_pos=torch.tensor(k_pos, dtype=torch.int32),
             last=torch.tensor(last, dtype=torch.int32),
-            plan=plan,
+            plan=specs,
         )
+
+    def plan(self, specs: list[RowSpec]) -> Any:
+        """The attention's plan of the rows: on the host for the fused kernels (sent with the step's
+        tensors), on the device for the others."""
+        attention = self.attention
+        if isinstance(attention, FusedAttention):
+            return attention.host_plan(specs)
+        return attention.plan(specs, self.rotary, self.dtype)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Hidden states [R, hidden] at ``batch.last``, from a batch on the device; no host sync (a CUDA
@@ -151,6 +169,8 @@ class ModelRunner:
     def move(self, src: torch.Tensor, dst: torch.Tensor, shift: int) -> None:
         """Copy K/V from slots src to dst (host tensors) in every layer, rotating keys by ``shift``
         positions."""
+        if self.peers is not None:
+            self.peers.send("move", src, dst, shift)
         src, dst = src.to(self.device, non_blocking=True), dst.to(self.device, non_blocking=True)
         cos, sin = self.rotary.cos_sin(torch.tensor([shift]).to(self.device, non_blocking=True), scaled=False)
         keys = self.k_pool[:, src]

@@ -61,6 +61,7 @@ class EngineOptions:
     fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
     presets: str | None = None  # a JSON file of extra instruction presets (engine/prompts.py)
     prefix_cache: bool = True  # share the K/V of full prompt pages across jobs (engine/pages.py)
+    tensor_parallel: int = 1  # ranks the model is split over (engine/parallel.py); GPUs from --device on
 
 
 LAYOUTS = ("combined", "interleaved", "contiguous", "plain")

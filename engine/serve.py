@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         service.listen(listener)
         log.info("listening on %s", args.address)
     service.run()
+    engine.close()
     return 0
 
 

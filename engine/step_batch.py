@@ -20,7 +20,7 @@ class StepBatch:
     q_pos: torch.Tensor  # [N] view position of each query
     k_pos: torch.Tensor  # [N] block-local position of each new key
     last: torch.Tensor  # [R] packed index of each token whose logits are wanted
-    plan: Any  # the attention's plan; a KernelPlan is sent with the tensors above
+    plan: Any  # the attention's plan (a KernelPlan goes with the tensors above); when packed, the row specs
 
     @property
     def tensors(self) -> list[torch.Tensor]:

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     fused_ops: bool | None = None
     presets: str | None = None  # a JSON file of extra instruction presets (docs/API.md, "Instructions")
     prefix_cache: bool | None = None
+    tensor_parallel: int | None = None  # ranks the model is split over (GPUs from --device on)
 
     def engine_args(self) -> list[str]:
         """Flags for ``python -m engine.serve``: the model and every engine option that was set."""

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from engine.layers.linear import Kernel
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -69,6 +71,13 @@ def load_cpu_kernels() -> bool:
         log.warning("CPU kernels unavailable, using the torch paths: %s", " | ".join(errors) or e)
         return False
     return True
+
+
+def linear_kernel(device: torch.device, dtype: torch.dtype, enabled: bool = True) -> Kernel | None:
+    """The bfloat16 small-batch linear for a model on this CPU, or None where the torch path is used."""
+    if enabled and device.type == "cpu" and dtype == torch.bfloat16 and load_cpu_kernels():
+        return torch.ops.hogwild_cpu.linear_bf16
+    return None
 
 
 def build_dir() -> Path:

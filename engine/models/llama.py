@@ -9,7 +9,7 @@ approximately.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,6 +88,27 @@ class ModelShape:
     max_positions: int
     o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
     mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down
+    tensor_parallel: int = 1  # >1: one rank's share (``sharded``), heads and MLP counted per rank
+
+    def sharded(self, world: int) -> ModelShape:
+        """One rank's share of the model when split over ``world`` ranks (engine/parallel.py): its heads,
+        KV heads (at least one: a KV head may be copied to several ranks) and MLP channels. Its LM head
+        holds a slice of the vocabulary of its own, so it is no longer tied to the embeddings."""
+        if world == 1:
+            return self
+        return replace(
+            self,
+            num_heads=self.num_heads // world,
+            num_kv_heads=max(1, self.num_kv_heads // world),
+            intermediate_size=self.intermediate_size // world,
+            tie_embeddings=False,
+            tensor_parallel=world,
+        )
+
+    @property
+    def lm_head_rows(self) -> int:
+        """Rows of this rank's LM head: the vocabulary split evenly, the last slice padded."""
+        return -(-self.vocab_size // self.tensor_parallel)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, state: dict[str, torch.Tensor]) -> ModelShape:
@@ -191,9 +212,21 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(shape) for _ in range(shape.num_layers)])
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.lm_head = Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = Linear(shape.hidden_size, shape.lm_head_rows, bias=False)
         if shape.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def load(
+        cls, shape: ModelShape, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> LlamaModel:
+        """The model with a transformers checkpoint's tensors, on ``device``; built on the meta device
+        first, so the weights are allocated once."""
+        with torch.device("meta"):
+            model = cls(shape)
+        model = model.to_empty(device=device).to(dtype)
+        model.load_hf_state({k: v.to(device) for k, v in state.items()})
+        return model.eval()
 
     def forward(self, input_ids: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """Hidden states [N, hidden] of the packed new tokens; K/V land in the pool as a side effect."""
