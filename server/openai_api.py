@@ -253,6 +253,9 @@ Shape = ChatShape | CompletionShape
 def openai_routes(hub: Hub) -> APIRouter:
     router = APIRouter()
 
+    def not_served(model: str) -> ApiError:
+        return ApiError(404, f"model {model!r} is not served here", "model_not_found", "model")
+
     def model_entry() -> dict[str, Any]:
         info = hub.engine().info
         created = int(info.get("created") or time.time())
@@ -272,14 +275,15 @@ def openai_routes(hub: Hub) -> APIRouter:
     async def model(model_id: str) -> dict[str, Any]:
         entry = model_entry()
         if model_id != entry["id"]:
-            raise ApiError(404, f"model {model_id!r} is not served here", "model_not_found", "model")
+            raise not_served(model_id)
         return entry
 
     async def answer(request: Request, body: OpenAIRequest, shape: Shape) -> Response | dict[str, Any]:
         if body.model not in (None, "", hub.model_name):
-            raise ApiError(404, f"model {body.model!r} is not served here", "model_not_found", "model")
-        assert isinstance(body, (ChatRequest, CompletionRequest))
-        record = await hub.submit(body.engine_params(DEFAULT_MAX_TOKENS), body.sampling_params())
+            raise not_served(body.model)
+        params = body.engine_params(DEFAULT_MAX_TOKENS)
+        # What the job object shows as asked: the options, max_tokens and logprobs as the engine got them.
+        record = await hub.submit(params, {k: v for k, v in params.items() if k != "prompt"})
         reply = Reply(hub, record, Answer(record, body.stops), shape)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -111,6 +111,10 @@ class OpenAIRequest(HogwildOptions):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
+    def engine_params(self, default_max_tokens: int) -> dict[str, Any]:
+        """The job's parameters, as ``Engine.submit`` takes them."""
+        raise NotImplementedError
+
     def job_params(self, prompt: Any, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
         return {"prompt": prompt, "max_tokens": max_tokens, **self.sampling_params(), "logprobs": logprobs}
 
