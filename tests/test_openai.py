@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import time
 from typing import Any
 
@@ -99,6 +100,12 @@ def test_other_refusals_keep_openais_shape_and_the_jobs_api_keeps_its_own(
     auth = {"Authorization": f"Bearer {API_KEY}"}
     big = httpx.post(f"{server.url}/v1/completions", content=b"x" * 2_000_000, headers=auth, timeout=30)
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # the server waits 2 s for a body
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        sock.sendall((head + "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}").encode())
+        late = sock.recv(4096).decode()
+    assert late.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in late.replace(" ", ""), late
     jobs = httpx.post(f"{server.url}/v1/jobs", json={"prompt": "q", "workers": 99}, headers=auth, timeout=30)
     assert jobs.status_code == 422 and jobs.json()["error"] == {
         "message": jobs.json()["error"]["message"],
