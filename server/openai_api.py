@@ -36,7 +36,9 @@ from server.sse import event_source
 
 DEFAULT_MAX_TOKENS = 512
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request looks for its client
-OPENAI_ERRORS = error_responses(400, 401, 404, 408, 413, 429, 503, openai=True)
+# What each route may answer besides success, for /openapi.json: all in OpenAI's shape.
+ANSWER_ERRORS = error_responses(400, 401, 404, 408, 413, 429, 500, 503, openai=True)
+MODEL_ERRORS = error_responses(401, 404, 503, openai=True)
 
 
 def openai_usage(record: JobRecord) -> dict[str, Any]:
@@ -267,11 +269,11 @@ def openai_routes(hub: Hub) -> APIRouter:
             "max_model_len": info.get("max_positions"),
         }
 
-    @router.get("/models", responses=OPENAI_ERRORS)
+    @router.get("/models", responses=MODEL_ERRORS)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_entry()]}
 
-    @router.get("/models/{model_id:path}", responses=OPENAI_ERRORS)
+    @router.get("/models/{model_id:path}", responses=MODEL_ERRORS)
     async def model(model_id: str) -> dict[str, Any]:
         entry = model_entry()
         if model_id != entry["id"]:
@@ -290,11 +292,11 @@ def openai_routes(hub: Hub) -> APIRouter:
             return event_source(reply.chunks(include_usage), hub.settings.keepalive_s)
         return await reply.whole(request)
 
-    @router.post("/chat/completions", response_model=None, responses=OPENAI_ERRORS)
+    @router.post("/chat/completions", response_model=None, responses=ANSWER_ERRORS)
     async def chat(body: ChatRequest, request: Request) -> Response | dict[str, Any]:
         return await answer(request, body, ChatShape(body))
 
-    @router.post("/completions", response_model=None, responses=OPENAI_ERRORS)
+    @router.post("/completions", response_model=None, responses=ANSWER_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
         return await answer(request, body, CompletionShape(body))
 

@@ -192,6 +192,7 @@ ERROR_MEANINGS = {
     400: "invalid input; the error's param names it",
     422: "invalid input; the error names the field",
     429: "the queue is full; retry after Retry-After seconds",
+    500: "the job failed in the engine",
     503: "the engine is starting, stalled or down",
 }
 

@@ -506,7 +506,8 @@ def test_the_openapi_document_lists_every_status_and_the_prompt_rule(server: Ser
     assert "error" in spec["components"]["schemas"]["ErrorBody"]["properties"]
     for path in ("/v1/chat/completions", "/v1/completions"):  # OpenAI's statuses and error shape
         answers = spec["paths"][path]["post"]["responses"]
-        assert {"200", "400", "401", "404", "413", "429", "503"} <= set(answers) and "422" not in answers
+        assert {"200", "400", "401", "404", "408", "413", "429", "500", "503"} <= set(answers)
+        assert "422" not in answers
         assert answers["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIErrorBody")
     assert "422" not in spec["paths"]["/v1/models"]["get"]["responses"]
 
