@@ -305,6 +305,8 @@ def openai_routes(hub: Hub) -> APIRouter:
 
 @dataclass
 class Reply:
+    """One request's answer in its route's shape: ``whole`` once the job ended, or ``chunks`` as it runs."""
+
     hub: Hub
     record: JobRecord
     answer: Answer
