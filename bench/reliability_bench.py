@@ -3,9 +3,10 @@
 Each part sends traffic to one server on 127.0.0.1 (``--url``, or one it starts on ``--model``) and counts
 what a user would call a failure:
 
-- ``bad``: every field of both request bodies given a value of each JSON type its schema forbids, and
-  one past each bound, plus malformed bodies. Counts 5xx, values accepted that the schema forbids, and
-  4xx whose error names no field or the wrong one.
+- ``bad``: every field of every request body (jobs, chat, completions) given a value of each JSON type
+  its schema forbids, and one past each bound, plus malformed bodies. Counts 5xx, values accepted that
+  the schema forbids, and 4xx whose error names no field (``field``, or OpenAI's ``param``) or the wrong
+  one.
 - ``fuzz``: schemathesis against ``/openapi.json``, valid and invalid cases for every operation, a fixed
   budget of cases (``--fuzz-cases``). Counts 5xx. A slow answer is cut after a few seconds: hanging up
   is a case too.
@@ -129,11 +130,23 @@ def out_of_bounds(schema: dict[str, Any]) -> Iterator[Any]:
             yield [1] * (int(sub["maxItems"]) + 1)
 
 
+# Each route with a JSON body, and its schema's name in /openapi.json.
+ROUTE_BODIES = {
+    "/v1/jobs": "JobRequest",
+    "/v1/chat/completions": "ChatRequest",
+    "/v1/completions": "CompletionRequest",
+}
+
+
 def bad_bodies(doc: dict[str, Any], route: str, strict: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     """(field, body) pairs whose one wrong field the answer must name. A lax route (the OpenAI one, as
     OpenAI's) may coerce between scalars, so it gets only values no coercion turns into the right type."""
-    schema_name = {"/v1/jobs": "JobRequest", "/v1/chat/completions": "ChatRequest"}[route]
-    base = {"prompt": "q"} if route == "/v1/jobs" else {"messages": [{"role": "user", "content": "q"}]}
+    schema_name = ROUTE_BODIES[route]
+    base = (
+        {"messages": [{"role": "user", "content": "q"}]}
+        if route == "/v1/chat/completions"
+        else {"prompt": "q"}
+    )
     for name, prop in doc["components"]["schemas"][schema_name]["properties"].items():
         allowed = allowed_types(prop)
         for kind, value in WRONG_VALUES.items():
@@ -157,7 +170,11 @@ def bad_inputs(url: str, api_key: str | None) -> dict[str, Any]:
     tally = Tally()
     with client(url, api_key) as http:
         doc = http.get("/openapi.json").json()
-        for route, strict in (("/v1/jobs", True), ("/v1/chat/completions", False)):
+        for route, strict in (
+            ("/v1/jobs", True),
+            ("/v1/chat/completions", False),
+            ("/v1/completions", False),
+        ):
             for name, body in bad_bodies(doc, route, strict):
                 r = http.post(route, json=body)
                 named = error_field(r)
@@ -172,7 +189,7 @@ def bad_inputs(url: str, api_key: str | None) -> dict[str, Any]:
                 tally.count(r.status_code, bad, f"{route} {name}={str(body[name])[:40]}")
         json_type = {"content-type": "application/json"}
         for raw in (b"{not json", b"[1, 2]", b"", b'"text"', b'{"prompt": "hi \\ud800"}', b"\xff\xfe"):
-            for route in ("/v1/jobs", "/v1/chat/completions"):
+            for route in ROUTE_BODIES:
                 r = http.post(route, content=raw, headers=json_type)
                 bad = None if r.status_code >= 400 and error_field(r) else "no field named"
                 tally.count(r.status_code, bad, f"{route} raw {raw[:20]!r}")

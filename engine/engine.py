@@ -237,6 +237,7 @@ class Engine:
             defaults.top_k if options.top_k is None else options.top_k,
             options.logit_bias,
             self._suppressed(multi if options.suppress is None else options.suppress),
+            options.logprobs,
         )
         sampling.validate()
         if not prompt:
@@ -372,16 +373,17 @@ class Engine:
             spans.append(slice(start, start + len(keys)))
             start += len(keys)
         record = any(job.options.trace for job, _ in scheduled)
-        tokens, uniforms = sample(logits, groups, record, tuple(row_bans)) if start else ([], [])
+        tokens, uniforms, scores = sample(logits, groups, record, tuple(row_bans)) if start else ([], [], [])
         self.steps += 1
         for (job, rows), span in zip(scheduled, spans, strict=True):
             wanted = [key for key, row in rows if row.want_logits]
             picked = dict(zip(wanted, tokens[span], strict=True))
+            scored = dict(zip(wanted, scores[span], strict=True)) if job.options.logprobs is not None else {}
             traced = None
             if job.options.trace:
                 traced = dict(zip(wanted, zip(logits[span], uniforms[span], strict=True), strict=True))
             try:
-                events += job.absorb(rows, picked, self.pool, traced)
+                events += job.absorb(rows, picked, self.pool, traced, scored)
                 for move in job.moves:  # the job decided; the cache is the engine's to change
                     self.runner.roll_over(job.blocks[move.block], job.blocks[move.into], job.holder)
                 job.moves.clear()

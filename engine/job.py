@@ -41,7 +41,7 @@ from engine.protocol import (
     history_entry,
     usage,
 )
-from engine.sampling import SamplingParams
+from engine.sampling import Logprobs, SamplingParams
 from engine.trace import Rollover, TraceRow, TraceStep
 
 FINAL = None  # the budget of the finisher that gives the job's answer
@@ -122,6 +122,7 @@ class Job:
         self.sampling = sampling
         self.layout = Layout(options.layout, options.workers)
         self.tokenizer, self.encode, self.eos_ids = tokenizer, encode, eos_ids
+        self.token_texts: dict[int, str] = {}  # the alternatives' texts, decoded once per job
         self.prompt_ids = prompt_ids
         self.status = "queued"
         self.answer: str | None = None
@@ -336,12 +337,22 @@ class Job:
         """Whether the worker may write ``tokens`` more: the cap that ``max_total_tokens`` is built on."""
         return w.written + tokens <= self.token_cap
 
-    def _token_event(self, w: Worker, token: int, forced: bool, finisher: bool = False) -> Event:
+    def _token_event(
+        self, w: Worker, token: int, forced: bool, finisher: bool = False, scores: Logprobs | None = None
+    ) -> Event:
         piece = w.detok.push(token)
         w.text += piece
         w.step_text += piece
         index = len(w.detok.tokens) - 1
-        return self.event(Token(w.index, piece, token, index, w.step, forced, finisher))
+        logprob, top = (None, None) if scores is None else (scores[0], self._alternatives(scores[1]))
+        return self.event(Token(w.index, piece, token, index, w.step, forced, finisher, logprob, top))
+
+    def _alternatives(self, pairs: list[tuple[int, float]]) -> list[dict[str, Any]]:
+        """A token event's ``top_logprobs``: each alternative's id, its own text and its logprob."""
+        for token, _ in pairs:
+            if token not in self.token_texts:
+                self.token_texts[token] = self.tokenizer.decode([token])
+        return [{"token_id": t, "text": self.token_texts[t], "logprob": lp} for t, lp in pairs]
 
     # -- after the forward pass ---------------------------------------------------------------------
 
@@ -370,9 +381,12 @@ class Job:
         sampled: dict[int, int],
         pool: PagePool,
         traced: dict[int, tuple[torch.Tensor, float | None]] | None = None,
+        scored: dict[int, Logprobs | None] | None = None,
     ) -> list[Event]:
         """Take this step's sampled tokens (by row key), apply text rules, rollovers, checkpoints and
-        finishing. ``traced`` gives each sampled row's logits and uniform draw, for the trace."""
+        finishing. ``traced`` gives each sampled row's logits and uniform draw, for the trace; ``scored``
+        each sampled row's logprobs, when the job asked for them."""
+        scored = scored or {}
         trace = self.record(rows)
         events, self.opening = self.opening, []
         if rows and rows[0][0] == -1:
@@ -385,7 +399,7 @@ class Job:
                 row_trace.logits, row_trace.uniform = traced[key]
                 row_trace.next_token = sampled[key]
             if key < -1:
-                events += self._accept_branch(self.branches[key], sampled[key], pool)
+                events += self._accept_branch(self.branches[key], sampled[key], pool, scored.get(key))
                 continue
             w = self.workers[key]
             w.written += len(row.tokens)
@@ -395,7 +409,7 @@ class Job:
                 events += self._rollover(w, trace)
                 continue
             if key in sampled:
-                events += self._accept(w, sampled[key])
+                events += self._accept(w, sampled[key], scored.get(key))
         return events + self._advance() if self.status == "running" else events
 
     def _advance(self) -> list[Event]:
@@ -424,14 +438,14 @@ class Job:
         w.forced += len(self.finisher_ids)
         return [self._token_event(w, t, forced=True, finisher=True) for t in self.finisher_ids]
 
-    def _accept(self, w: Worker, token: int) -> list[Event]:
+    def _accept(self, w: Worker, token: int, scores: Logprobs | None = None) -> list[Event]:
         if self.first_token_at is None:
             self.first_token_at = time.time()
         w.generated += 1
         self.since_check += 1
         if token in self.eos_ids:
             return self._stop_worker(w, "stop")
-        events = [self._token_event(w, token, forced=False)]
+        events = [self._token_event(w, token, forced=False, scores=scores)]
         piece = events[0].data["text"]
         longest = max((len(s) for s in self.options.stop), default=0)
         if longest and any(s in w.text[-(longest + len(piece)) :] for s in self.options.stop):
@@ -491,14 +505,16 @@ class Job:
             key, block, budget, tokens, Detokenizer(self.tokenizer), list(self.finisher_ids)
         )
 
-    def _accept_branch(self, branch: Branch, token: int, pool: PagePool) -> list[Event]:
+    def _accept_branch(
+        self, branch: Branch, token: int, pool: PagePool, scores: Logprobs | None = None
+    ) -> list[Event]:
         final = branch.budget is FINAL
         stream = final and self.options.finisher
         events = []
         if token not in self.eos_ids:
             branch.text += branch.detok.push(token)
             if stream:
-                events.append(self._token_event(self.workers[0], token, forced=False, finisher=True))
+                events.append(self._token_event(self.workers[0], token, False, True, scores))
         branch.generated += 1
         if final:
             self.finisher_tokens += 1

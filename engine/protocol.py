@@ -23,7 +23,7 @@ import argparse
 import math
 import socket
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -67,6 +67,7 @@ class EngineOptions:
 LAYOUTS = ("combined", "interleaved", "contiguous", "plain")
 MAX_LIST = 256  # entries in a list option (stop strings, suppressed strings, biased tokens)
 MAX_TEXT = 1000  # characters in one of its strings: a stop check per token reads a window of this size
+MAX_LOGPROBS = 20  # top alternatives a token event may carry, as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ class JobOptions:
     answer_pattern: str | None = field(
         default=None, metadata={"help": "a regex with one group (default: the rightmost \\boxed{})"}
     )
+    logprobs: int | None = field(
+        default=None,
+        metadata={"help": f"each sampled token's logprob and its top N alternatives (0 to {MAX_LOGPROBS})"},
+    )
     trace: bool = field(default=False, metadata={"help": "record the job for the oracle (engine only)"})
 
     @classmethod
@@ -138,6 +143,7 @@ class JobOptions:
         whole("quick_check_every", 0)
         whole("finisher_tokens", 1, 1024)
         whole("top_k", 0)
+        whole("logprobs", 0, MAX_LOGPROBS)
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
             raise InvalidRequest("seed", "seed must be an integer in [-2**63, 2**64)")
         if self.layout not in LAYOUTS:
@@ -290,7 +296,11 @@ STATUS_OF_REASON = {"cancelled": "cancelled", "error": "failed"}  # any other re
 class Token:
     """A token entering a worker's text. ``index`` counts the worker's tokens from 0; ``forced`` marks text
     the engine wrote for it (openers, step headers, quick checks, the finisher's prompt); ``finisher`` the
-    final finisher's text, streamed as worker 0's."""
+    final finisher's text, streamed as worker 0's. A job that asked for ``logprobs`` gets, on each token
+    the model sampled (not forced ones), ``logprob``: its log-probability under the model's own
+    distribution (the raw logits: before temperature, top-k, top-p, logit_bias and the format guards),
+    and ``top_logprobs``: the most likely tokens, most likely first, as ``{"token_id", "text",
+    "logprob"}``. Both are left out of the event's data otherwise."""
 
     worker: int
     text: str
@@ -299,6 +309,10 @@ class Token:
     step: int
     forced: bool
     finisher: bool = False
+    logprob: float | None = None
+    top_logprobs: list[dict[str, Any]] | None = None
+
+    OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ("logprob", "top_logprobs")
 
 
 @dataclass(frozen=True)
@@ -368,7 +382,11 @@ class Event:
 
     @classmethod
     def of(cls, job_id: str, seq: int, payload: Payload) -> Event:
-        return cls(job_id, seq, EVENT_TYPES[type(payload)], asdict(payload))
+        data = asdict(payload)
+        for name in getattr(payload, "OMIT_WHEN_NONE", ()):
+            if data[name] is None:
+                del data[name]
+        return cls(job_id, seq, EVENT_TYPES[type(payload)], data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

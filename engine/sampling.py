@@ -22,6 +22,7 @@ class SamplingParams:
     top_k: int = 0
     logit_bias: Bias = ()  # (token id, added logit), as in OpenAI's API
     suppress: tuple[int, ...] = ()  # token ids never chosen (the format guards)
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives
 
     def validate(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
@@ -81,16 +82,26 @@ def bias_tensors(bias: Bias, device: torch.device) -> tuple[torch.Tensor, torch.
     return torch.tensor(ids, device=device), torch.tensor(values, dtype=torch.float32, device=device)
 
 
+# A sampled row's logprob and its top alternatives as (token id, logprob), most likely first.
+Logprobs = tuple[float, list[tuple[int, float]]]
+
+
 def sample(
     logits: torch.Tensor,
     groups: list[tuple[slice, SamplingParams, torch.Generator | None]],
     record: bool = False,
     row_bans: tuple[tuple[int, tuple[int, ...]], ...] = (),
-) -> tuple[list[int], list[float | None]]:
-    """One token per row, and with ``record`` each sampled row's uniform draw (None for greedy rows; an
-    empty list without ``record``): with it a trace's reader can re-draw the token from its own
-    distribution. ``groups`` gives runs of rows (contiguous) with their params and generator;
-    ``row_bans`` bans ids in single rows, on top of their group's ``suppress``."""
+) -> tuple[list[int], list[float | None], list[Logprobs | None]]:
+    """One token per row; with ``record`` each sampled row's uniform draw (None for greedy rows; an empty
+    list without ``record``): with it a trace's reader can re-draw the token from its own distribution;
+    and for the rows of groups whose params ask for ``logprobs``, the chosen token's log-probability and
+    the top alternatives' (None for the other rows). ``groups`` gives runs of rows (contiguous) with their
+    params and generator; ``row_bans`` bans ids in single rows, on top of their group's ``suppress``.
+
+    Logprobs are of the model's raw distribution, as vLLM's default: a log-softmax of the logits before
+    biases, bans, temperature, top-k and top-p. They are computed on the device for the asking rows only
+    and come to the host in the one copy that brings the tokens."""
+    raw = logits
     biased = [(rows, params) for rows, params, _ in groups if params.logit_bias or params.suppress]
     if biased or row_bans:
         logits = logits.clone()
@@ -110,11 +121,32 @@ def sample(
         u = torch.rand(len(tokens[rows]), 1, dtype=torch.float64, device=tokens.device, generator=generator)
         tokens[rows] = draw(filtered_probs(logits[rows], params), u)
         uniforms[rows] = u[:, 0]
-    if not record:
-        return tokens.tolist(), []
-    # One copy to the host for both (token ids are exact in float64).
-    ids, draws = torch.stack([tokens.double(), uniforms]).tolist()
-    return [int(t) for t in ids], [None if math.isnan(x) else x for x in draws]
+    # One copy to the host for everything (token ids are exact in float64).
+    parts = [tokens.double()] + ([uniforms] if record else [])
+    asking = [(rows, params.logprobs) for rows, params, _ in groups if params.logprobs is not None]
+    for rows, top in asking:
+        logprobs = torch.log_softmax(raw[rows].float(), dim=-1)
+        parts.append(logprobs.gather(1, tokens[rows, None]).double().flatten())
+        if top:
+            best = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+            parts += [best.indices.double().flatten(), best.values.double().flatten()]
+    n = len(tokens)
+    if len(parts) == 1:
+        return tokens.tolist(), [], [None] * n
+    host = torch.cat(parts).tolist()
+    chosen_ids = [int(t) for t in host[:n]]
+    draws = [None if math.isnan(x) else x for x in host[n : 2 * n]] if record else []
+    at = 2 * n if record else n
+    scores: list[Logprobs | None] = [None] * n
+    for rows, top in asking:
+        count, k = rows.stop - rows.start, min(top or 0, logits.shape[-1])
+        chosen, at = host[at : at + count], at + count
+        indices, scored = host[at : at + count * k], host[at + count * k : at + 2 * count * k]
+        at += 2 * count * k
+        for r in range(count):
+            alternatives = [(int(indices[r * k + j]), scored[r * k + j]) for j in range(k)]
+            scores[rows.start + r] = (chosen[r], alternatives)
+    return chosen_ids, draws, scores
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_workers": engine.options.max_workers,
         "max_tokens": engine.options.max_tokens,
         "max_positions": engine.shape.max_positions,
+        "created": int(time.time()),  # when the model was loaded: /v1/models' created
         "total_pages": engine.total_pages,
         "page_size": engine.options.page_size,
         "device": str(engine.device),

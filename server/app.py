@@ -1,7 +1,8 @@
 """The HTTP front end: jobs with interleaved event streams, the OpenAI-compatible routes, operations.
 
 The app never touches the model: it owns a ``Hub`` that talks to the engine process. Errors are JSON
-``{"error": {"message", "type", "field"}}`` with a 4xx status, the shape OpenAI clients expect too.
+``{"error": {"message", "type", "field", "code"}}`` with a 4xx status, and OpenAI's own shape on the
+OpenAI routes (server/errors.py).
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        openai = errors.speaks_openai(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await ApiError(413, f"request body over {self.limit} bytes", "too_large").response()(
-                scope, receive, send
-            )
+            too_large = ApiError(413, f"request body over {self.limit} bytes", "too_large")
+            await too_large.response(openai)(scope, receive, send)
             return
         chunks, size = [], 0
         while True:
@@ -65,14 +66,14 @@ class BodyLimit:
                 message = await asyncio.wait_for(receive(), self.timeout)
             except asyncio.TimeoutError:
                 late = ApiError(408, f"the request body stopped arriving for {self.timeout:.0f} s", "timeout")
-                await late.response()(scope, receive, send)
+                await late.response(openai)(scope, receive, send)
                 return
             if message["type"] != "http.request":  # the client went away
                 return
             size += len(message.get("body", b""))
             if size > self.limit:
                 too_large = ApiError(413, f"request body over {self.limit} bytes", "too_large")
-                await too_large.response()(scope, receive, send)
+                await too_large.response(openai)(scope, receive, send)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
@@ -260,6 +261,19 @@ def create_app(settings: Settings) -> FastAPI:
             ) from None
         return stream(record, after, cancel_on_disconnect=False)
 
-    v1.include_router(openai_routes(hub))
     app.include_router(v1)
+    # Not under v1's responses: these answer errors in OpenAI's shape (server/errors.py).
+    app.include_router(openai_routes(hub), prefix="/v1", dependencies=[Depends(authorize)])
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI lists a 422 for every route with a body: the OpenAI routes answer 400 instead."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)
+        for path, operations in schema["paths"].items():
+            for operation in operations.values() if errors.speaks_openai(path) else ():
+                operation["responses"].pop("422", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

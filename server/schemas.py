@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from engine.protocol import MAX_LOGPROBS
 
 INT32 = 2**31 - 1  # bounds for counts: the engine checks its own, smaller limits and names them
 # A bound on the list member only: on the union it was applied to a bool too, and raised (a 500).
@@ -42,6 +44,8 @@ class HogwildOptions(BaseModel):
     instructions: str | None = Field(None, max_length=100)
     suppress: bool | Strings | None = None
     answer_pattern: str | None = Field(None, max_length=500)
+    # Each sampled token's logprob and this many top alternatives, on its token event.
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def sampling_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in HogwildOptions.model_fields}
@@ -94,28 +98,64 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(HogwildOptions):
-    """OpenAI's chat completion body; unknown OpenAI parameters are ignored, Hogwild's ride along
+class OpenAIRequest(HogwildOptions):
+    """What OpenAI's chat and completion bodies share; unknown OpenAI parameters are ignored (``user``),
+    those this server cannot honour are refused naming them (``n`` but 1), Hogwild's ride along
     (``extra_body`` in the openai package). Unset sampling comes from the model, as on the jobs API."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT32)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     def engine_params(self, default_max_tokens: int) -> dict[str, Any]:
+        """The job's parameters, as ``Engine.submit`` takes them."""
+        raise NotImplementedError
+
+    def job_params(self, prompt: Any, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+        return {"prompt": prompt, "max_tokens": max_tokens, **self.sampling_params(), "logprobs": logprobs}
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class ChatRequest(OpenAIRequest):
+    """OpenAI's chat completion body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
+    logprobs: bool | None = None  # OpenAI's chat: a switch; top_logprobs: how many
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def engine_params(self, default_max_tokens: int) -> dict[str, Any]:
         given = [n for n in (self.max_completion_tokens, self.max_tokens) if n is not None]
-        max_tokens = given[0] if given else default_max_tokens
-        return {
-            "prompt": [m.plain() for m in self.messages],
-            "max_tokens": max_tokens,
-            **self.sampling_params(),
-        }
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        prompt = [m.plain() for m in self.messages]
+        return self.job_params(prompt, given[0] if given else default_max_tokens, logprobs)
+
+
+class CompletionRequest(OpenAIRequest):
+    """OpenAI's legacy completion body: one prompt, answered as the chat route answers one user message."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    echo: Literal[False] = False  # the prompt is the workers' problem, not text they continue
+    suffix: None = None
+    best_of: Literal[1] | None = None
+
+    def engine_params(self, default_max_tokens: int) -> dict[str, Any]:
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return self.job_params(prompt, self.max_tokens or default_max_tokens, self.logprobs)
 
 
 class ErrorDetail(BaseModel):
@@ -126,9 +166,22 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx and 5xx answer: the shape OpenAI clients parse, naming the field for everyone else."""
+    """Every 4xx and 5xx answer of the jobs API and the operations, naming the field."""
 
     error: ErrorDetail
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, rate_limit_error or server_error
+    param: str | None = None  # the offending input, where there is one
+    code: str  # invalid_value, invalid_api_key, model_not_found, context_length_exceeded, ...
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every 4xx and 5xx answer of the OpenAI routes: OpenAI's own shape."""
+
+    error: OpenAIErrorDetail
 
 
 ERROR_MEANINGS = {
@@ -136,12 +189,15 @@ ERROR_MEANINGS = {
     404: "no such job or model",
     408: "the request body stopped arriving",
     413: "the body, or the prompt with the workers' budget, is too large",
+    400: "invalid input; the error's param names it",
     422: "invalid input; the error names the field",
     429: "the queue is full; retry after Retry-After seconds",
+    500: "the job failed in the engine",
     503: "the engine is starting, stalled or down",
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """What a route may answer besides success, for /openapi.json."""
-    return {status: {"description": ERROR_MEANINGS[status], "model": ErrorBody} for status in statuses}
+def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
+    """What a route may answer besides success, for /openapi.json (``openai``: in OpenAI's shape)."""
+    model = OpenAIErrorBody if openai else ErrorBody
+    return {status: {"description": ERROR_MEANINGS[status], "model": model} for status in statuses}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from engine import Engine, InvalidRequest, PromptTooLong, UnsupportedModelError
 from engine.collab import ends_step, find_boxed
-from engine.sampling import SamplingParams, draw
+from engine.sampling import SamplingParams, draw, sample
 from engine.step_batch import Staging
 from tests.models import tiny_model
 
@@ -277,3 +278,52 @@ def test_staging_packs_each_tensor_at_a_16_byte_boundary() -> None:
     for original, view in zip(tensors, sent, strict=True):
         assert view.data_ptr() % 16 == 0 and view.untyped_storage().data_ptr() == buffer.data_ptr()
         assert torch.equal(view, original)
+
+
+def test_logprobs_are_the_raw_models_own_and_only_on_asked_sampled_tokens(tok: Any) -> None:
+    """A token's logprob and its top alternatives match a log-softmax of transformers' own forward pass:
+    the raw distribution, before logit_bias and temperature (vLLM's default)."""
+    model = tiny_model("qwen3-qknorm", tok, wired=False)
+    eng = Engine.from_hf(model, tok, page_size=4, num_pages=1024)
+    bias = {tok.encode(" banana", add_special_tokens=False)[0]: 3.0}
+    kw: dict[str, Any] = dict(
+        workers=1, layout="plain", max_tokens=8, finisher=False, seed=3, logit_bias=bias
+    )
+    job = eng.submit("Tell me a story.", temperature=1.5, logprobs=5, **kw)
+    other = eng.submit("Tell me a story.", temperature=1.5, **kw)  # in the same steps, asking for none
+    events = run(eng, [job, other])
+    sampled = [e.data for e in events if e.job_id == job.id and e.type == "token" and not e.data["forced"]]
+    assert len(sampled) == job.workers[0].generated > 0
+    assert all("logprob" not in e.data for e in events if e.job_id == other.id and e.type == "token")
+    ids = job.prompt_ids + [d["token_id"] for d in sampled]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    reference = torch.log_softmax(logits[len(job.prompt_ids) - 1 : -1], dim=-1)
+    assert torch.allclose(reference.exp().sum(-1), torch.ones(len(sampled)), atol=1e-5)
+    for data, ref in zip(sampled, reference, strict=True):
+        assert data["logprob"] == pytest.approx(ref[data["token_id"]].item(), abs=1e-3)
+        top = data["top_logprobs"]
+        assert [t["token_id"] for t in top] == ref.topk(5).indices.tolist()
+        assert [t["logprob"] for t in top] == pytest.approx(ref.topk(5).values.tolist(), abs=1e-3)
+        assert sum(math.exp(t["logprob"]) for t in top) <= 1
+        assert all(t["text"] == tok.decode([t["token_id"]]) for t in top)
+    # Asking changes nothing else: the same seed samples the same tokens.
+    assert job.workers[0].detok.tokens == other.workers[0].detok.tokens
+
+
+def test_sample_reports_logprobs_per_group_beside_a_traces_uniforms() -> None:
+    """Rows that ask and rows that do not, greedy and sampled, with the trace's uniforms in the same copy."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    groups: list[Any] = [
+        (slice(0, 2), SamplingParams(logprobs=3, logit_bias=((7, 50.0),)), None),
+        (slice(2, 3), SamplingParams(temperature=1.0), torch.Generator().manual_seed(1)),
+        (slice(3, 5), SamplingParams(temperature=1.0, logprobs=0), torch.Generator().manual_seed(2)),
+    ]
+    ids, uniforms, scores = sample(logits, groups, record=True)
+    assert ids[:2] == [7, 7] and uniforms[:2] == [None, None] and all(u is not None for u in uniforms[2:])
+    reference = torch.log_softmax(logits, dim=-1)  # the raw distribution: the bias is not in it
+    assert scores[2] is None
+    for row in (0, 1, 3, 4):
+        score = scores[row]
+        assert score is not None and score[0] == pytest.approx(reference[row, ids[row]].item(), abs=1e-6)
+        assert [t for t, _ in score[1]] == (reference[row].topk(3).indices.tolist() if row < 2 else [])

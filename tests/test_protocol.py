@@ -62,6 +62,8 @@ def test_parse_normalizes_what_json_and_keywords_give() -> None:
         ({"finisher_tokens": 2000}, "finisher_tokens"),
         ({"quick_check_every": -1}, "quick_check_every"),
         ({"answer_pattern": 3}, "answer_pattern"),
+        ({"logprobs": 21}, "logprobs"),  # OpenAI's top_logprobs bound
+        ({"logprobs": -1}, "logprobs"),
     ],
 )
 def test_bad_options_name_their_field(params: dict[str, Any], field: str) -> None:
@@ -118,6 +120,8 @@ def test_command_line_flags_cover_every_option_and_round_trip() -> None:
         "#",
         "--answer-pattern",
         "ANSWER:(\\d+)",
+        "--logprobs",
+        "3",
     ]
     options = JobOptions.parse(job_params(parser.parse_args(argv)))
     assert options == JobOptions(
@@ -137,6 +141,7 @@ def test_command_line_flags_cover_every_option_and_round_trip() -> None:
         instructions="short",
         suppress=("#",),
         answer_pattern="ANSWER:(\\d+)",
+        logprobs=3,
     )
     assert job_params(parser.parse_args([])) == {}  # nothing given: every default is the engine's
     assert job_params(parser.parse_args(["--no-suppress", "--finisher", "true"])) == {

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from engine.protocol import EngineOptions, JobOptions
-from server.schemas import ChatRequest, JobRequest
+from server.schemas import ChatRequest, CompletionRequest, JobRequest
 from server.settings import Settings
 from tests.server_process import API_KEY, ServerProcess, running_server
 
@@ -223,7 +223,7 @@ def test_malformed_requests(http: httpx.Client, server: ServerProcess) -> None:
     r = http.post(
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}
     )
-    assert r.status_code == 422 and r.json()["error"]["field"] == "max_tokens"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # OpenAI's status and shape
     assert http.get("/v1/jobs/job-nope").status_code == 404
     assert http.delete("/v1/jobs/job-nope").status_code == 404
     assert http.get("/v1/jobs/job-nope/events").status_code == 404
@@ -314,7 +314,7 @@ def test_the_official_openai_client_works_unchanged(server: ServerProcess) -> No
     assert {"Alice", "Bob"} <= workers
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], n=2)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
@@ -382,9 +382,12 @@ def test_every_job_option_is_a_field_of_both_request_bodies() -> None:
     with the same defaults."""
     options = {f.name for f in dataclasses.fields(JobOptions)} - {"trace"}
     jobs = set(JobRequest.model_fields) - {"prompt", "messages", "stream", "detach"}
-    chat = set(ChatRequest.model_fields) - {"model", "messages", "max_completion_tokens", "n", "stream"}
+    openai = {"model", "n", "stream", "stream_options"}
+    chat = set(ChatRequest.model_fields) - openai - {"messages", "max_completion_tokens", "top_logprobs"}
+    completion = set(CompletionRequest.model_fields) - openai - {"prompt", "echo", "suffix", "best_of"}
     assert jobs == options
-    assert chat - {"stream_options"} == options
+    assert chat == options
+    assert completion == options
     defaults = JobOptions()
     for name in options:
         given = JobRequest.model_fields[name].default
@@ -478,7 +481,7 @@ def test_a_lone_surrogate_is_refused_naming_its_field(http: httpx.Client) -> Non
     assert r.status_code == 422 and r.json()["error"]["field"] == "prompt", r.text
     chat = b'{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "\\udc00"}]}'
     r = http.post("/v1/chat/completions", content=chat, headers=json_type)
-    assert r.status_code == 422 and r.json()["error"]["field"] == "messages.1.content", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1.content", r.text
     r = http.post("/v1/jobs", json={"prompt": "fine \U0001f600", "max_tokens": 2})  # a real astral char
     assert r.status_code == 201
 
@@ -501,6 +504,12 @@ def test_the_openapi_document_lists_every_status_and_the_prompt_rule(server: Ser
     body = spec["components"]["schemas"]["JobRequest"]
     assert body["oneOf"] == [{"required": ["prompt"]}, {"required": ["messages"]}]
     assert "error" in spec["components"]["schemas"]["ErrorBody"]["properties"]
+    for path in ("/v1/chat/completions", "/v1/completions"):  # OpenAI's statuses and error shape
+        answers = spec["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "408", "413", "429", "500", "503"} <= set(answers)
+        assert "422" not in answers
+        assert answers["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIErrorBody")
+    assert "422" not in spec["paths"]["/v1/models"]["get"]["responses"]
 
 
 def test_a_model_that_cannot_be_served_stops_the_server_with_status_2(tmp_path: Path) -> None:
