@@ -21,16 +21,26 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.client import Event, HogwildClient, HogwildError
-from engine.protocol import ENDED, add_job_flags, job_params
+from engine.protocol import ENDED, add_job_flags, flag_help, job_params
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 COMMANDS = ("jobs", "get", "cancel")
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("HOGWILD_URL", "http://127.0.0.1:8000"))
-    p.add_argument("--api-key", default=os.environ.get("HOGWILD_API_KEY"))
-    p.add_argument("--json", action="store_true", help="print the job object(s) as JSON, nothing else")
+    url, key = os.environ.get("HOGWILD_URL"), os.environ.get("HOGWILD_API_KEY")
+    p.add_argument(
+        "--url", default=url or DEFAULT_URL, help=flag_help("the server, or HOGWILD_URL", url or DEFAULT_URL)
+    )
+    p.add_argument(
+        "--api-key",
+        default=key,
+        help=flag_help("the server's API key, or HOGWILD_API_KEY", "HOGWILD_API_KEY's" if key else "none"),
+    )
+    p.add_argument(
+        "--json", action="store_true", help=flag_help("print the job object(s) as JSON, nothing else", False)
+    )
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -38,16 +48,20 @@ def run_parser() -> argparse.ArgumentParser:
         prog="hogwild",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="other commands: hogwild jobs | hogwild get ID | hogwild cancel ID",
+        epilog="other commands: hogwild jobs | hogwild get ID | hogwild cancel ID (each with --help)\n"
+        "job options left unset are the server's: the defaults shown are the engine's",
     )
-    p.add_argument("problem")
+    p.add_argument("problem", help="the problem the workers solve together")
     _common(p)
     add_job_flags(p)  # every default None: options left out are the server's, never contradicted
     view = p.add_mutually_exclusive_group()
-    view.add_argument("--columns", dest="view", action="store_const", const="columns", help="(default)")
-    view.add_argument(
-        "--stream", dest="view", action="store_const", const="stream", help="finished steps as they happen"
-    )
+    for name, what in (
+        ("columns", "one live column per worker"),
+        ("stream", "finished steps as they happen"),
+    ):
+        view.add_argument(
+            "--" + name, dest="view", action="store_const", const=name, help=flag_help(what, "--columns")
+        )
     p.set_defaults(view="columns")
     return p
 
@@ -58,7 +72,7 @@ def command_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("jobs", help="recent jobs, newest first"))
     for name in ("get", "cancel"):
         sp = sub.add_parser(name, help=f"{name} one job")
-        sp.add_argument("id")
+        sp.add_argument("id", help="the job's id (hogwild jobs lists them)")
         _common(sp)
     return p
 
