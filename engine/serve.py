@@ -350,8 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(engine.dtype).removeprefix("torch."),
     }
     service = EngineService(engine, info, exit_when_alone=args.fd is not None)
+    stopped_by: list[int] = []
+
+    def stop(sig: int, frame: Any) -> None:
+        stopped_by.append(sig)
+        service.stopping = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a spawned engine ignores SIGINT: its server's
+            signal.signal(sig, stop)
     if args.fd is not None:
         service.adopt(socket.socket(fileno=args.fd))
     else:
@@ -364,8 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         service.listen(listener)
         log.info("listening on %s", args.address)
     service.run()
-    return 0
+    return 130 if signal.SIGINT in stopped_by else 0  # Ctrl-C's status, as a shell's
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: a status, not a traceback
+        sys.exit(130)
