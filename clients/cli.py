@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Any
 
-from rich.columns import Columns
 from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
@@ -26,6 +25,7 @@ from engine.protocol import ENDED, add_job_flags, flag_help, job_params
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 COMMANDS = ("jobs", "get", "cancel")
 DEFAULT_URL = "http://127.0.0.1:8000"
+MIN_COLUMN = 24  # the narrowest worker column: more workers than fit across go on more rows
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -134,27 +134,46 @@ class Watch:
             f"{self.generated[w]} tok, {self.generated[w] / elapsed:.1f} tok/s" if elapsed > 0 else "waiting"
         )
 
-    def __rich__(self) -> Columns:
+    def __rich__(self) -> Table:
         return self.columns()
 
-    def columns(self) -> Columns:
-        """One panel per worker with the tail of its text that fits: the terminal cannot hold it all."""
-        height = max(6, self.console.size.height - 6)
-        width = max(10, self.console.size.width // max(1, len(self.texts)) - 4)
-        panels = []
-        for w, text in enumerate(self.texts):
-            lines = text.split("\n")
-            kept: list[Text] = []
-            rows = 0
-            for line in reversed(lines):
-                rows += max(1, -(-len(line.plain) // width))
-                if rows > height:
-                    break
-                kept.append(line)
-            body = Text("\n").join(reversed(kept))
-            color = COLORS[w % len(COLORS)]
-            panels.append(Panel(body, title=self.names[w], subtitle=self.rate(w), border_style=color))
-        return Columns(panels, equal=True, expand=True)
+    def columns(self) -> Table:
+        """One panel per worker, laid out from the terminal's size and the number of workers alone: the
+        width split evenly (on more rows when a column would be narrower than MIN_COLUMN), every panel the
+        same height, each worker's text wrapped inside its own column and showing the tail that fits. So
+        the columns stay put for the whole job, however the texts grow (rich's Columns sized them by
+        their content: they reflowed while streaming, and cut a panel to "...")."""
+        count = len(self.texts)
+        width, height = self.console.size
+        across = max(1, min(count, width // MIN_COLUMN))
+        rows = -(-count // across)
+        widths = [width // across + (1 if c < width % across else 0) for c in range(across)]
+        tall = max(4, (height - 1) // rows)  # one line spare: a taller frame would be cropped to "..."
+        grid = Table.grid(padding=0)
+        for w in widths:
+            grid.add_column(width=w, no_wrap=True)
+        for first in range(0, count, across):
+            cells = range(first, min(count, first + across))
+            grid.add_row(*(self.panel(w, widths[w - first], tall) for w in cells))
+        return grid
+
+    def panel(self, w: int, width: int, height: int) -> Panel:
+        inner, rows = max(1, width - 4), max(1, height - 2)  # inside the borders and the padding
+        kept: list[Text] = []
+        for line in reversed(self.texts[w].split("\n")):  # only the last lines that can show are wrapped
+            kept[:0] = line.wrap(self.console, inner, overflow="fold") or [Text()]
+            if len(kept) >= rows:
+                break
+        body = Text("\n", overflow="fold").join(kept[-rows:])
+        color = COLORS[w % len(COLORS)]
+        return Panel(
+            body,
+            title=self.names[w],
+            subtitle=self.rate(w),
+            border_style=color,
+            width=width,
+            height=height,
+        )
 
     def flush_stream(self) -> None:
         """At the end, the text still in progress (not yet a finished step) of each worker.
