@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 # Fetches and converts the embedded default model on first use, then serves it with the dashboard at /.
+# Ctrl-C drains the server, which exits with 130; bash (not sh) then ends quietly, and so does make.
+run: SHELL := /bin/bash
 run: setup
-	$(BIN)/python -m engine.loader
-	$(BIN)/python -m server --host $(HOST) --port $(PORT)
+	$(BIN)/python -m engine.loader && $(BIN)/python -m server --host $(HOST) --port $(PORT) || [ $$? = 130 ]
 
 test: setup
 	$(BIN)/python -m engine.loader

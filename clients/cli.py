@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Any
 
-from rich.columns import Columns
 from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
@@ -21,16 +20,27 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.client import Event, HogwildClient, HogwildError
-from engine.protocol import ENDED, add_job_flags, job_params
+from engine.protocol import ENDED, add_job_flags, flag_help, job_params
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 COMMANDS = ("jobs", "get", "cancel")
+DEFAULT_URL = "http://127.0.0.1:8000"
+MIN_COLUMN = 24  # the narrowest worker column: more workers than fit across go on more rows
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("HOGWILD_URL", "http://127.0.0.1:8000"))
-    p.add_argument("--api-key", default=os.environ.get("HOGWILD_API_KEY"))
-    p.add_argument("--json", action="store_true", help="print the job object(s) as JSON, nothing else")
+    url, key = os.environ.get("HOGWILD_URL"), os.environ.get("HOGWILD_API_KEY")
+    p.add_argument(
+        "--url", default=url or DEFAULT_URL, help=flag_help("the server, or HOGWILD_URL", url or DEFAULT_URL)
+    )
+    p.add_argument(
+        "--api-key",
+        default=key,
+        help=flag_help("the server's API key, or HOGWILD_API_KEY", "HOGWILD_API_KEY's" if key else "none"),
+    )
+    p.add_argument(
+        "--json", action="store_true", help=flag_help("print the job object(s) as JSON, nothing else", False)
+    )
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -38,16 +48,20 @@ def run_parser() -> argparse.ArgumentParser:
         prog="hogwild",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="other commands: hogwild jobs | hogwild get ID | hogwild cancel ID",
+        epilog="other commands: hogwild jobs | hogwild get ID | hogwild cancel ID (each with --help)\n"
+        "job options left unset are the server's: the defaults shown are the engine's",
     )
-    p.add_argument("problem")
+    p.add_argument("problem", help="the problem the workers solve together")
     _common(p)
     add_job_flags(p)  # every default None: options left out are the server's, never contradicted
     view = p.add_mutually_exclusive_group()
-    view.add_argument("--columns", dest="view", action="store_const", const="columns", help="(default)")
-    view.add_argument(
-        "--stream", dest="view", action="store_const", const="stream", help="finished steps as they happen"
-    )
+    for name, what in (
+        ("columns", "one live column per worker"),
+        ("stream", "finished steps as they happen"),
+    ):
+        view.add_argument(
+            "--" + name, dest="view", action="store_const", const=name, help=flag_help(what, "--columns")
+        )
     p.set_defaults(view="columns")
     return p
 
@@ -58,7 +72,7 @@ def command_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("jobs", help="recent jobs, newest first"))
     for name in ("get", "cancel"):
         sp = sub.add_parser(name, help=f"{name} one job")
-        sp.add_argument("id")
+        sp.add_argument("id", help="the job's id (hogwild jobs lists them)")
         _common(sp)
     return p
 
@@ -120,27 +134,46 @@ class Watch:
             f"{self.generated[w]} tok, {self.generated[w] / elapsed:.1f} tok/s" if elapsed > 0 else "waiting"
         )
 
-    def __rich__(self) -> Columns:
+    def __rich__(self) -> Table:
         return self.columns()
 
-    def columns(self) -> Columns:
-        """One panel per worker with the tail of its text that fits: the terminal cannot hold it all."""
-        height = max(6, self.console.size.height - 6)
-        width = max(10, self.console.size.width // max(1, len(self.texts)) - 4)
-        panels = []
-        for w, text in enumerate(self.texts):
-            lines = text.split("\n")
-            kept: list[Text] = []
-            rows = 0
-            for line in reversed(lines):
-                rows += max(1, -(-len(line.plain) // width))
-                if rows > height:
-                    break
-                kept.append(line)
-            body = Text("\n").join(reversed(kept))
-            color = COLORS[w % len(COLORS)]
-            panels.append(Panel(body, title=self.names[w], subtitle=self.rate(w), border_style=color))
-        return Columns(panels, equal=True, expand=True)
+    def columns(self) -> Table:
+        """One panel per worker, laid out from the terminal's size and the number of workers alone: the
+        width split evenly (on more rows when a column would be narrower than MIN_COLUMN), every panel the
+        same height, each worker's text wrapped inside its own column and showing the tail that fits. So
+        the columns stay put for the whole job, however the texts grow (rich's Columns sized them by
+        their content: they reflowed while streaming, and cut a panel to "...")."""
+        count = len(self.texts)
+        width, height = self.console.size
+        across = max(1, min(count, width // MIN_COLUMN))
+        rows = -(-count // across)
+        widths = [width // across + (1 if c < width % across else 0) for c in range(across)]
+        tall = max(4, (height - 1) // rows)  # one line spare: a taller frame would be cropped to "..."
+        grid = Table.grid(padding=0)
+        for w in widths:
+            grid.add_column(width=w, no_wrap=True)
+        for first in range(0, count, across):
+            cells = range(first, min(count, first + across))
+            grid.add_row(*(self.panel(w, widths[w - first], tall) for w in cells))
+        return grid
+
+    def panel(self, w: int, width: int, height: int) -> Panel:
+        inner, rows = max(1, width - 4), max(1, height - 2)  # inside the borders and the padding
+        kept: list[Text] = []
+        for line in reversed(self.texts[w].split("\n")):  # only the last lines that can show are wrapped
+            kept[:0] = line.wrap(self.console, inner, overflow="fold") or [Text()]
+            if len(kept) >= rows:
+                break
+        body = Text("\n", overflow="fold").join(kept[-rows:])
+        color = COLORS[w % len(COLORS)]
+        return Panel(
+            body,
+            title=self.names[w],
+            subtitle=self.rate(w),
+            border_style=color,
+            width=width,
+            height=height,
+        )
 
     def flush_stream(self) -> None:
         """At the end, the text still in progress (not yet a finished step) of each worker.

@@ -12,25 +12,23 @@ from rich.panel import Panel
 from rich.text import Text
 
 from engine.engine import DTYPES, Engine
-from engine.protocol import Event, add_job_flags, job_params
+from engine.protocol import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, Event, add_job_flags, flag_help, job_params
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
-    p.add_argument("problem")
-    p.add_argument(
-        "--model", default=None, help="hub id, local folder or .gguf file (default: embedded SmolLM2)"
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("problem", help="the problem the workers solve together")
+    p.add_argument("--model", default=None, help=flag_help(MODEL_HELP, None))
+    p.add_argument("--device", default="cpu", help=flag_help(DEVICE_HELP, "cpu"))
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=flag_help(DTYPE_HELP, None))
     add_job_flags(p)
     p.add_argument(
         "--view",
         choices=("columns", "stream"),
         default="columns",
-        help="side by side columns, or one interleaved stream of finished steps",
+        help=flag_help("side by side columns, or one interleaved stream of finished steps", "columns"),
     )
     return p.parse_args(argv)
 

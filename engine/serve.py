@@ -29,7 +29,7 @@ from engine import protocol
 from engine.engine import DTYPES, Engine, Submission
 from engine.errors import InvalidRequest, PromptTooLong, QueueFullError
 from engine.loader import DEFAULT_NAME
-from engine.protocol import EngineOptions, parse_address, parse_bool
+from engine.protocol import EngineOptions, flag_help, parse_address, parse_bool
 
 log = logging.getLogger("hogwild.engine")
 
@@ -285,14 +285,22 @@ class EngineService:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for the model and every EngineOptions field, shared with the server's command line."""
-    parser.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: SmolLM2)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    """Flags for the model and every EngineOptions field, with their help and defaults."""
+    parser.add_argument("--model", default=None, help=flag_help(protocol.MODEL_HELP, None))
+    parser.add_argument("--device", default="cpu", help=flag_help(protocol.DEVICE_HELP, "cpu"))
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help=flag_help(protocol.DTYPE_HELP, None)
+    )
     kinds: dict[str, Callable[[str], Any]] = {"str": str, "str | None": str, "bool": parse_bool}
     for f in dataclasses.fields(EngineOptions):
         kind = kinds.get(str(f.type), int)  # annotations are strings here (PEP 563)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=None,
+            metavar={parse_bool: "true|false", int: "N"}.get(kind),
+            help=flag_help(f.metadata.get("help"), f.default),
+        )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -313,8 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__)
     add_engine_arguments(parser)
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--address", default="127.0.0.1:7071", help="host:port or a Unix socket path")
-    where.add_argument("--fd", type=int, default=None, help="an inherited connected socket (spawned)")
+    where.add_argument(
+        "--address",
+        default="127.0.0.1:7071",
+        help=flag_help("host:port or a Unix socket path to listen on", "127.0.0.1:7071"),
+    )
+    where.add_argument(
+        "--fd", type=int, default=None, help=flag_help("an inherited connected socket (spawned)", None)
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     try:
@@ -337,8 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(engine.dtype).removeprefix("torch."),
     }
     service = EngineService(engine, info, exit_when_alone=args.fd is not None)
+    stopped_by: list[int] = []
+
+    def stop(sig: int, frame: Any) -> None:
+        stopped_by.append(sig)
+        service.stopping = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a spawned engine ignores SIGINT: its server's
+            signal.signal(sig, stop)
     if args.fd is not None:
         service.adopt(socket.socket(fileno=args.fd))
     else:
@@ -352,8 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("listening on %s", args.address)
     service.run()
     engine.close()
-    return 0
+    return 130 if signal.SIGINT in stopped_by else 0  # Ctrl-C's status, as a shell's
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: a status, not a traceback
+        sys.exit(130)

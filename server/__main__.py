@@ -1,7 +1,9 @@
 """``python -m server`` (or ``hogwild-server``): the HTTP server under uvicorn.
 
 SIGTERM and Ctrl-C first stop the engine gracefully, so every open stream ends with its done event, and
-only then let uvicorn close the connections; a drain that finishes exits with status 0.
+only then let uvicorn close the connections. A drain that finishes exits quietly: with status 0 after
+SIGTERM, 130 after Ctrl-C (SIGINT), as a shell reports an interrupted command. A second signal stops at
+once. The spawned engine ignores the terminal's Ctrl-C (engine/connection.py): the server drains it.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.hub = hub
         self.draining: asyncio.Task[None] | None = None
+        self.interrupted = False  # the drain began with Ctrl-C
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining is not None:  # a second signal: stop now
             super().handle_exit(sig, frame)
             return
+        self.interrupted = sig == signal.SIGINT
         hub = self.hub
 
         async def drain() -> None:
@@ -48,6 +52,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return serve(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the server took its signals, or after a drain cut short
+        return 130
+
+
+def serve(argv: list[str] | None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -63,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     server = DrainingServer(config, app.state.hub)
     app.state.stop_server = lambda: server.handle_exit(signal.SIGTERM, None)
     server.run()
+    if server.interrupted:
+        return 130
     return int(app.state.exit_code)  # 2: the engine cannot serve the model (a bad path, say)
 
 

@@ -4,36 +4,57 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.protocol import EngineOptions
+from engine.protocol import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, EngineOptions, flag_help
 
 
 class Settings(BaseSettings):
+    """Each field's description is its flag's ``--help``; an engine option's comes from EngineOptions."""
+
     model_config = SettingsConfigDict(env_prefix="HOGWILD_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model: str | None = None  # hub id, local folder or .gguf; None: the embedded default
-    device: str = "cpu"
-    dtype: str | None = None
-    engine_address: str | None = None  # connect to a standalone engine instead of spawning one
-    api_key: SecretStr | None = None  # Bearer token required on every /v1 route when set
-    cors_origins: list[str] = []
-    max_body_bytes: int = 1_000_000
-    body_timeout_s: float = 30.0  # a request body that stops arriving this long gets 408
-    retain_jobs: int = 1000  # ended jobs kept for GET and replay, oldest dropped first
-    keepalive_s: float = 15.0  # SSE comment interval while a stream has nothing else to say
-    ready_timeout_s: float = 1800.0  # first start may fetch and convert the default model
-    # A busy engine that sends nothing this long is stalled: /ready says 503, requests fail fast with 503,
-    # and every command to the engine waits at most this long.
-    engine_stall_s: float = 30.0
-    engine_kill_s: float = 120.0  # ... and a spawned engine stalled this long is killed and restarted
-    log_level: str = "info"
-    # Engine options; None keeps the engine's default (see engine.protocol.EngineOptions).
+    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(default=8000, description="port to listen on")
+    model: str | None = Field(default=None, description=MODEL_HELP)
+    device: str = Field(default="cpu", description=DEVICE_HELP)
+    dtype: str | None = Field(default=None, description=DTYPE_HELP)
+    engine_address: str | None = Field(
+        default=None,
+        description="host:port or Unix socket path of a standalone engine to use; unset: spawn one",
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="Bearer token required on every /v1 route; unset: none"
+    )
+    cors_origins: list[str] = Field(default=[], description="origins allowed by CORS (* for any)")
+    max_body_bytes: int = Field(default=1_000_000, description="larger request bodies get 413")
+    body_timeout_s: float = Field(
+        default=30.0, description="a request body that stops arriving this long gets 408"
+    )
+    retain_jobs: int = Field(
+        default=1000, description="ended jobs kept for GET and replay, oldest dropped first"
+    )
+    keepalive_s: float = Field(
+        default=15.0, description="SSE comment interval while a stream has nothing else to say"
+    )
+    ready_timeout_s: float = Field(
+        default=1800.0,
+        description="how long the engine may take to start (the first may fetch and convert the model)",
+    )
+    engine_stall_s: float = Field(
+        default=30.0,
+        description="a busy engine that sends nothing this long is stalled: /ready says 503, requests fail "
+        "fast with 503, and every command to the engine waits at most this long",
+    )
+    engine_kill_s: float = Field(
+        default=120.0, description="a spawned engine stalled this long is killed and restarted"
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error")
+    # Engine options: None keeps the engine's default; their help comes from EngineOptions.
     page_size: int | None = None
     num_pages: int | None = None
     kv_tokens: int | None = None
@@ -46,9 +67,9 @@ class Settings(BaseSettings):
     cpu_kernels: bool | None = None
     cuda_graphs: bool | None = None
     fused_ops: bool | None = None
-    presets: str | None = None  # a JSON file of extra instruction presets (docs/API.md, "Instructions")
+    presets: str | None = None
     prefix_cache: bool | None = None
-    tensor_parallel: int | None = None  # ranks the model is split over (GPUs from --device on)
+    tensor_parallel: int | None = None
 
     def engine_args(self) -> list[str]:
         """Flags for ``python -m engine.serve``: the model and every engine option that was set."""
@@ -67,13 +88,39 @@ class Settings(BaseSettings):
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Every settings field is also a flag (``--max-workers 8``); flags win over the environment."""
     parser = argparse.ArgumentParser(
-        prog="hogwild-server", description="Serve Hogwild! inference over HTTP (flags override HOGWILD_* env)"
+        prog="hogwild-server",
+        description="Serve Hogwild! inference over HTTP: the dashboard at /, the API under /v1.",
+        epilog="Every flag is also an environment variable HOGWILD_<NAME> (HOGWILD_MAX_WORKERS=8); "
+        "a flag wins.",
     )
+    engine_fields = {f.name: f for f in dataclasses.fields(EngineOptions)}
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        if name == "cors_origins":
-            parser.add_argument(flag, nargs="*", default=None, help="allowed CORS origins")
-        else:
-            parser.add_argument(flag, default=None, help=field.description)
+        text, default = field.description, field.default
+        if name in engine_fields and default is None:  # the engine's own default applies
+            text = text or engine_fields[name].metadata.get("help")
+            default = engine_fields[name].default
+        kind = field.annotation
+        many = list in (typing.get_origin(kind), *map(typing.get_origin, typing.get_args(kind)))
+        parser.add_argument(
+            flag,
+            default=None,
+            # A list: one or more values, and the flag may repeat (--cors-origins A B --cors-origins C).
+            nargs="+" if many else None,
+            action="extend" if many else "store",
+            metavar=_metavar(name, kind),
+            help=flag_help(text, default),
+        )
     given: dict[str, Any] = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return Settings(**given)
+
+
+def _metavar(name: str, kind: Any) -> str | None:
+    types = {kind, *typing.get_args(kind)}
+    if bool in types:
+        return "true|false"
+    if int in types:
+        return "N"
+    if float in types:
+        return "SECONDS" if name.endswith("_s") else "X"
+    return None

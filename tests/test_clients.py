@@ -224,3 +224,65 @@ def test_cli_tables_and_errors(
     assert "Alice" in out and "Bob" in out and "answer:" in out
     assert main(cli(server_url, "get", "job-does-not-exist")) == 1
     assert "404" in capsys.readouterr().err
+
+
+# -- the live columns, rendered in a terminal of fixed size ----------------------------------------------
+
+BORDERS = "╭╮╰╯│"
+
+
+def panels(frame: str) -> list[tuple[str, str]]:
+    """Each panel of a rendered frame in reading order: its title, and its text inside the borders."""
+    lines = frame.splitlines()
+    found = []
+    for top, line in enumerate(lines):
+        lefts = [x for x, c in enumerate(line) if c == "╭"]
+        rights = [x for x, c in enumerate(line) if c == "╮"]
+        for left, right in zip(lefts, rights, strict=True):
+            title = line[left + 1 : right].strip("─ ")
+            body = []
+            for inner in lines[top + 1 :]:
+                if inner[left] == "╰":
+                    break
+                body.append(inner[left + 1 : right])
+            found.append((title, "\n".join(body)))
+    return found
+
+
+@pytest.mark.parametrize(("width", "height", "workers"), [(150, 40, 3), (80, 24, 5)])
+def test_live_columns_stay_put_and_wrap_every_worker_whole(width: int, height: int, workers: int) -> None:
+    """The issue: 3 workers at 150 columns were laid out 2 + 1 with the third cut to "...", then 3
+    across, then stacked, as rich's Columns re-measured the growing texts. Every frame now has the same
+    borders in the same places, and each worker's latest text shows whole, wrapped in its own column."""
+    import io
+
+    from rich.console import Console
+
+    from clients.cli import Watch
+
+    console = Console(width=width, height=height, file=io.StringIO(), color_system=None)
+    names = [f"W{i}" for i in range(workers)]
+    job = {"options": {"workers": workers}, "workers": [{"index": i, "name": n} for i, n in enumerate(names)]}
+    watch = Watch(job, console, "columns")
+    words = ["Let", "us", "think", "step", "by", "step:\n", "17 * 23 =", "391", "x" * 70, "done.\n\n"]
+    texts = [""] * workers
+    layouts = []
+    for i in range(300):
+        w = (i * i) % workers if i % 3 else 0  # uneven speeds: worker 0 writes the most
+        text = words[(i + w) % len(words)] + " "
+        texts[w] += text
+        watch.handle(Event(i, "token", {"worker": w, "text": text, "forced": i % 13 == 0}))
+        with console.capture() as capture:
+            console.print(watch)
+        frame = capture.get()
+        assert "…" not in frame and "..." not in frame, frame
+        assert len(frame.splitlines()) < height, frame  # Live would crop a taller frame to "..."
+        layouts.append([[x for x, c in enumerate(line) if c in BORDERS] for line in frame.splitlines()])
+        shown = panels(frame)
+        assert [title for title, _ in shown] == names, frame
+        for (_, body), written in zip(shown, texts, strict=True):
+            tail = "".join(written.split())[-30:]  # the latest text, wrapped however it fits
+            assert "".join(body.split()).endswith(tail), (tail, frame)
+    assert all(layout == layouts[0] for layout in layouts), "the columns moved"
+    edges = sorted({x for line in layouts[0] for x in line})
+    assert edges[0] == 0 and edges[-1] == width - 1  # the terminal's width, split among the workers

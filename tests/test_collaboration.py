@@ -114,11 +114,11 @@ class Script:
         script = self
 
         def scripted(logits: torch.Tensor, groups: Any, record: bool = False, row_bans: Any = ()) -> Any:
-            tokens, draws = real(logits, groups, record, row_bans)
+            tokens, draws, logprobs = real(logits, groups, record, row_bans)
             for row, queue in script.queues.items():
                 if queue and row < len(tokens):
                     tokens[row] = queue.pop(0)
-            return tokens, draws
+            return tokens, draws, logprobs
 
         monkeypatch.setattr(engine_module, "sample", scripted)
 

@@ -120,3 +120,31 @@ def test_a_server_waits_for_a_standalone_engine_that_is_not_up_yet(
         finally:
             engine.terminate()
             engine.wait(timeout=WAIT_S)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("when", ["starting", "ready"])
+def test_ctrl_c_drains_quietly_with_status_130(tiny_model_dir: Path, mark: str, when: str) -> None:
+    """Ctrl-C signals the terminal's whole foreground process group: the server and the engine it
+    spawned. It ended in tracebacks (the engine's KeyboardInterrupt while loading its model, uvicorn's
+    cancelled lifespan); now the server drains its engine and exits 130, as a shell reports Ctrl-C."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--model", str(tiny_model_dir)]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/ready").is_success
+        except httpx.TransportError:
+            return False
+
+    deadline = time.monotonic() + WAIT_S
+    # Starting: the engine is spawned and loading its model (it ignores Ctrl-C: the server drains it).
+    while len(processes_marked(mark)) < 2 or (when == "ready" and not ready()):
+        assert time.monotonic() < deadline and server.poll() is None
+        time.sleep(0.05)
+    os.killpg(server.pid, signal.SIGINT)  # as the terminal does: to the process group
+    output = server.communicate(timeout=WAIT_S)[1].decode()
+    assert server.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert wait_gone(mark) == [], output[-3000:]
