@@ -57,6 +57,7 @@ class Figure:
     runs: list[float] | None = None  # tokens/s of every repeat
     speedup_vs_generate: float | None = None
     speedup_vs_1_worker: float | None = None
+    tensor_parallel: int = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,6 +93,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TOKENS",
         help="give every job a checkpoint every TOKENS tokens per worker (a greedy finisher branch beside "
         "the workers), to measure what the branches cost",
+    )
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="ranks to split the model over, one engine per value (e.g. 1 2: both in one run); with "
+        "--threads each rank gets that many threads",
     )
     p.add_argument("--no-generate", action="store_true", help="skip transformers generate")
     p.add_argument("--no-independent", action="store_true", help="skip the independent-jobs rows")
@@ -322,34 +332,15 @@ def plot(figures: list[Figure], path: Any) -> None:
     common.save_plot(draw, path, panels=3)
 
 
-def main(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
-    if args.tokens < 2:
-        raise SystemExit("--tokens must be >= 2 (the first token is not timed)")
-    hf_logging.set_verbosity_error()
-    device, dtype = models.device_and_dtype(args)
-    contexts = args.contexts or ([256, 2048] if device.type == "cpu" else [256, 2048, 8192])
-    loaded = models.load(args, materialize=not args.no_generate)
-    tokenizer = loaded.tokenizer
-    prompts = {c: common.make_prompt(c, tokenizer) for c in contexts}
-    widest = max(args.workers)
-    longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts.values())
-    # Room for the widest batch of jobs at the longest prompt (instructions and head start included).
-    extra = head_start(longest + 1024, widest, EngineOptions.prefill_chunk)
-    eng = loaded.engine(
-        device,
-        kv_tokens=widest * (longest + 1024 + 2 * (args.tokens + extra)),
-        attention=args.attention,
-        max_workers=max(widest, EngineOptions.max_workers),
-        cuda_graphs=args.cuda_graphs == "true",
-        fused_ops=args.fused_ops == "true",
-    )
-    floor = models.weight_floor(eng)
-    common.log(f"{loaded.label}: {floor.describe()}")
-
+def bench_engine(
+    eng: Any, loaded: Any, args: argparse.Namespace, prompts: dict[int, str], floor: Any, generate: bool
+) -> list[Figure]:
+    """Every row of the table for one engine (and ``generate`` beside the first)."""
+    contexts, widest = list(prompts), max(args.workers)
+    ranks = eng.options.tensor_parallel
+    generate = generate and not args.no_generate
     common.log("warm-up ...")
-    if not args.no_generate:
+    if generate:
         bench_generate(loaded.hf, eng.prompt_ids(prompts[contexts[0]], 1), 4)
     bench_jobs(eng, prompts[contexts[0]], widest, 1, 4)
 
@@ -358,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
         prompt = prompts[c]
         one = eng.prompt_ids(prompt, 1)  # the one-worker job's exact prompt (chat template included)
         row: dict[str, Any] = dict(context=c, floor_ms=floor.ms)
-        if not args.no_generate:
+        if generate:
             runs = [bench_generate(loaded.hf, one, args.tokens) for _ in range(args.repeats)]
             figures.append(
                 median_figure(
@@ -375,15 +366,65 @@ def main(args: argparse.Namespace) -> int:
                     for _ in range(args.repeats)
                 ]
                 ids = len(eng.prompt_ids(prompt, workers))
-                name = f"{kind} {n}"
+                name = f"{kind} {n}" + (f", tp {ranks}" if len(args.tensor_parallel) > 1 else "")
                 figures.append(
-                    median_figure(runs, name=name, kind=kind, prompt_tokens=ids, sequences=n, **row)
+                    median_figure(
+                        runs,
+                        name=name,
+                        kind=kind,
+                        prompt_tokens=ids,
+                        sequences=n,
+                        tensor_parallel=ranks,
+                        **row,
+                    )
                 )
                 common.log(f"{c} tokens, {name}: {figures[-1].tokens_per_s:.1f} tok/s")
+    return figures
+
+
+def main(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    if args.tokens < 2:
+        raise SystemExit("--tokens must be >= 2 (the first token is not timed)")
+    hf_logging.set_verbosity_error()
+    device, dtype = models.device_and_dtype(args)
+    contexts = args.contexts or ([256, 2048] if device.type == "cpu" else [256, 2048, 8192])
+    loaded = models.load(args, materialize=not args.no_generate)
+    tokenizer = loaded.tokenizer
+    prompts = {c: common.make_prompt(c, tokenizer) for c in contexts}
+    widest = max(args.workers)
+    longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts.values())
+    # Room for the widest batch of jobs at the longest prompt (instructions and head start included).
+    extra = head_start(longest + 1024, widest, EngineOptions.prefill_chunk)
+    figures: list[Figure] = []
+    for ranks in args.tensor_parallel:
+        eng = loaded.engine(
+            device,
+            kv_tokens=widest * (longest + 1024 + 2 * (args.tokens + extra)),
+            attention=args.attention,
+            max_workers=max(widest, EngineOptions.max_workers),
+            cuda_graphs=args.cuda_graphs == "true",
+            fused_ops=args.fused_ops == "true",
+            tensor_parallel=ranks,
+        )
+        floor = models.weight_floor(eng)  # rank 0's share: the ranks read theirs at the same time
+        common.log(f"{loaded.label}, tensor parallel {ranks}: {floor.describe()}")
+        figures += bench_engine(eng, loaded, args, prompts, floor, generate=ranks == args.tensor_parallel[0])
+        if ranks != args.tensor_parallel[-1]:
+            eng.close()
     for f in figures:
         gen = next((g for g in figures if g.kind == "generate" and g.context == f.context), None)
         one_worker = next(
-            (g for g in figures if g.kind == "hogwild" and g.sequences == 1 and g.context == f.context), None
+            (
+                g
+                for g in figures
+                if g.kind == "hogwild"
+                and g.sequences == 1
+                and g.context == f.context
+                and g.tensor_parallel == f.tensor_parallel
+            ),
+            None,
         )
         f.speedup_vs_generate = f.tokens_per_s / gen.tokens_per_s if gen else None
         f.speedup_vs_1_worker = f.tokens_per_s / one_worker.tokens_per_s if one_worker else None
@@ -427,6 +468,7 @@ def main(args: argparse.Namespace) -> int:
         "tokens": args.tokens,
         "contexts": contexts,
         "workers": args.workers,
+        "tensor_parallel": args.tensor_parallel,
         "repeats": args.repeats,
         **floor.record(),
         "engine_options": asdict(eng.options),
@@ -440,4 +482,5 @@ def main(args: argparse.Namespace) -> int:
     common.write_result(path, device, config, __doc__ or "", [asdict(f) for f in figures])
     if args.plot:
         plot(figures, path)
+    eng.close()
     return 0

@@ -5,7 +5,8 @@
 # shared block plus 1k per worker, against one-sequence SDPA and independent sequences; the kernel with its
 # items sized to the step, cut to 256 and to 1024 keys, and pipelined 5 stages deep), and engine decode
 # steps at 1 and 4 workers at 8k and 16k context against the weight-read floor, with the vectorized torch
-# attention and, when triton is installed, the Triton kernel run eagerly and from CUDA graphs.
+# attention and, when triton is installed, the Triton kernel run eagerly and from CUDA graphs; on 2+ GPUs,
+# the tensor-parallel tests and the engine split over 2 GPUs against 1.
 #
 # Usage: bench/gpu_check.sh   (PYTHON defaults to python3; results go to $OUT if set, else bench/results/:
 # six files, a log, the attention JSON and plot and three engine JSONs; the device tool returns at most 8)
@@ -75,6 +76,18 @@ for run in "${runs[@]}"; do
         --workers 1 4 --contexts 8192 16384 --tokens 32 "${extra[@]}" --out "$DEST/engine_${SHAPE}_$name.json"
     extra=(--no-generate --no-independent)
 done
+
+# Tensor parallel (engine/parallel.py): the same engine split over 2 GPUs against 1, in one run, with the
+# tensor-parallel tests (2 ranks against 1 and the oracle) first. Skipped with a message on one GPU.
+gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$DEVICE" = cuda ] && [ "$gpus" -ge 2 ]; then
+    step 120 "tensor parallel tests, $gpus GPUs" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py
+    step 150 "engine, $SHAPE shape, tensor parallel 1 and 2" \
+        "$PYTHON" -m bench engine --device "$DEVICE" --shape "$SHAPE" --tensor-parallel 1 2 --workers 1 4 \
+        --contexts 8192 --tokens 32 --no-generate --no-independent --out "$DEST/engine_${SHAPE}_tp.json"
+else
+    echo "=== tensor parallel: skipped ($gpus GPU(s) on $DEVICE; it needs 2)"
+fi
 
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED) in $SECONDS s"
 exit $status

@@ -167,6 +167,11 @@ class LoadedModel:
     stub_weights: bool  # the transformers model holds zero-stride views, not weights
 
     def engine(self, device: torch.device, **options: Any) -> Engine:
+        if self.stub_weights and options.get("tensor_parallel", 1) > 1:
+            # Every rank must read the same weights: made once, on the host, where the ranks take theirs.
+            self.hf = self.hf.to_empty(device="cpu")
+            randomize_(self.hf)
+            self.stub_weights = False
         eng = Engine(self.hf, self.tokenizer, device=device, **options)
         if self.stub_weights:
             randomize_(eng.model)

@@ -54,6 +54,21 @@ def test_engine(tmp_path: Path) -> None:
     positive(record["config"], "weight_bytes", "bandwidth_bytes_per_s", "weight_floor_ms")
 
 
+def test_engine_split_over_ranks(tmp_path: Path) -> None:
+    """One run, one engine per --tensor-parallel value; generate once, beside the first."""
+    command = (
+        "engine --shape tiny --workers 2 --contexts 32 --tokens 4 --no-independent --tensor-parallel 1 2"
+    )
+    rows = run_bench(tmp_path, command)["results"]
+    assert sorted((r["kind"], r["tensor_parallel"]) for r in rows) == [
+        ("generate", 1),
+        ("hogwild", 1),
+        ("hogwild", 2),
+    ]
+    for row in rows:
+        positive(row, "tokens_per_s", "step_ms", "tokens")
+
+
 def test_jobs(tmp_path: Path) -> None:
     record = run_bench(tmp_path, "jobs --shape tiny --concurrency 1 3 --tokens 48 --prompt-tokens 32")
     rows = record["results"]["jobs"]
