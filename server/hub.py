@@ -396,8 +396,6 @@ class Hub:
         self.metrics.engine_up.labels(link.name).set(0)
         self.store.fail_open(f"the engine stopped: {reason}", engine=link.index)
         link.jobs.clear()
-        if len(self.links) > 1:
-            log.error("engine %d stopped: %s", link.index, reason)
         if not self.stopping:
             again = "reconnecting" if link.address else "restarting the engine"
             self.background(self.keep_starting(link, f"{reason}; {again}"))
