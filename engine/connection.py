@@ -82,6 +82,7 @@ class EngineClient:
         self.reader, self.writer, self.process = reader, writer, process
         self.on_events, self.on_exit = on_events, on_exit
         self.secret, self.address = secret, address
+        self.challenged = False  # the engine asked for the secret
         self.info: dict[str, Any] = {}
         # The engine's running, queued and free_pages as of its last events message or reply.
         self.load: dict[str, int] = {}
@@ -259,6 +260,7 @@ class EngineClient:
 
     def _answer(self, nonce: Any) -> None:
         """Prove to the engine that this front end holds the shared secret."""
+        self.challenged = True
         if self.secret is None:
             error = f"{self.address} asks for a secret: give the server --engine-secret-file"
             self._ready.set_exception(EngineAuthFailed(error))

@@ -154,7 +154,9 @@ class EngineService:
             data = b""
         if not data:
             if conn.nonce:
-                log.error("refused a front end from %s: it hung up without answering the challenge", conn.peer)
+                log.error(
+                    "refused a front end from %s: it hung up without answering the challenge", conn.peer
+                )
             self._drop(conn)
             return
         try:

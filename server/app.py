@@ -116,7 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as exc:
             log.error("the engine failed to start: %s", exc)
             stop = app.state.stop_server
-            if not hub.started and stop is not None:  # a bad set-up: stop, not serve 503 or retry for ever
+            if stop is not None:  # a bad set-up (any engine's first start failed): stop, not serve 503
                 app.state.exit_code = BAD_SETUP if getattr(exc, "status", None) == BAD_SETUP else 1
                 stop()
 

@@ -55,6 +55,7 @@ class EngineLink:
     submitted: int = 0  # jobs it was given since the server started
     pending: int = 0  # submissions sent to it and not answered yet
     restarts: int = 0
+    step_seconds: Any = None  # its child of the step latency histogram
 
     @property
     def name(self) -> str:
@@ -126,6 +127,8 @@ class Hub:
         self.links = [EngineLink(i, a) for i, a in enumerate(addresses)] or [
             EngineLink(i) for i in range(settings.data_parallel)
         ]
+        for link in self.links:
+            link.step_seconds = metrics.step.labels(link.name)
         self._last_token: dict[tuple[str, int], float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
@@ -192,6 +195,10 @@ class Hub:
         if link.address is not None:
             secret = read_secret(s.engine_secret_file) if s.engine_secret_file else None
             client = await EngineClient.connect(link.address, on_events, on_exit, s.ready_timeout_s, secret)
+            if secret is not None and not client.challenged:
+                log.warning(
+                    "the engine at %s asked for no secret: anyone who reaches it may use it", link.address
+                )
         else:
             env = s.engine_env(link.index)
             client = await EngineClient.spawn(s.engine_args(), on_events, on_exit, s.ready_timeout_s, env)
@@ -352,7 +359,7 @@ class Hub:
     # -- engine callbacks ---------------------------------------------------------------------------
 
     def on_events(self, message: dict[str, Any], link: EngineLink) -> None:
-        self.metrics.step.labels(link.name).observe(message.get("step_s", 0.0))
+        link.step_seconds.observe(message.get("step_s", 0.0))
         now = time.time()
         touched: dict[str, JobRecord] = {}
         for ev in message["events"]:

@@ -53,11 +53,14 @@ def test_jobs_are_spread_over_both_engines_and_each_reports_its_own(two_engines:
         finished = [wait_for(http, job["id"], ("finished",)) for job in jobs]
         assert sorted(job["engine"] for job in finished) == [0, 0, 1, 1]  # each went to the idle one
         for job in finished:
-            events = events_of(http, job["id"])
-            assert [int(e["id"]) for e in events] == list(range(len(events)))
+            events = events_of(http, job["id"], last=2)  # a reconnect replays from its engine's record
+            assert [int(e["id"]) for e in events] == list(range(3, 3 + len(events)))
+        long = [submit(http, max_tokens=1000) for _ in range(2)]  # a cancel reaches the job's own engine
+        assert {job["engine"] for job in long} == {0, 1}
+        assert [http.delete(f"/v1/jobs/{job['id']}").json()["status"] for job in long] == ["cancelled"] * 2
         stats = http.get("/v1/stats").json()
     after = engines(two_engines)
-    assert [e["jobs"] - b["jobs"] for b, e in zip(before, after, strict=True)] == [2, 2]
+    assert [e["jobs"] - b["jobs"] for b, e in zip(before, after, strict=True)] == [3, 3]
     per_engine = stats["engines"]
     assert [e["engine"] for e in per_engine] == [0, 1] and all(e["steps"] > 0 for e in per_engine)
     assert stats["steps"] == sum(e["steps"] for e in per_engine)
