@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.settings import Settings
+from server.settings import Settings, parse_settings
 from tests.server_process import ServerProcess, free_port, running_server
 from tests.test_server import api, events_of, metric_values, sse, submit, wait_for
 
@@ -217,3 +217,14 @@ def test_each_spawned_engine_gets_gpus_of_its_own(monkeypatch: pytest.MonkeyPatc
     assert threads == str(max(1, (os.cpu_count() or 1) // 2))  # the cores shared out
     with pytest.raises(ValueError, match="not both"):
         Settings(data_parallel=2, engine_address="127.0.0.1:7071")
+
+
+def test_engine_addresses_repeat_as_flags_and_join_with_commas_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    given = parse_settings(["--engine-address", "gpu1:7071", "--engine-address", "[::1]:7072"])
+    assert given.engine_addresses == ["gpu1:7071", "[::1]:7072"]
+    monkeypatch.setenv("HOGWILD_ENGINE_ADDRESS", "gpu1:7071, gpu2:7071")
+    assert parse_settings([]).engine_addresses == ["gpu1:7071", "gpu2:7071"]
+    with pytest.raises(SystemExit):  # spawned and standalone engines together: refused with a message
+        parse_settings(["--data-parallel", "2"])
