@@ -161,10 +161,6 @@ class Hub:
             return None
         return "no engine is ready: " + "; ".join(f"{link.index}: {link.unavailable}" for link in self.links)
 
-    @property
-    def started(self) -> bool:
-        return any(link.started for link in self.links)
-
     def engines(self) -> list[dict[str, Any]]:
         return [link.describe() for link in self.links]
 
@@ -257,8 +253,8 @@ class Hub:
                 by_link[link.index] = answer
             elif not isinstance(answer, (EngineUnavailable, asyncio.TimeoutError)):
                 raise answer
-        if not by_link:
-            raise asyncio.TimeoutError
+        if not by_link:  # none answered: why the first did not
+            raise next(a for a in answers if isinstance(a, BaseException))
         total = summed(list(by_link.values()))
         total["engines"] = [{**link.describe(), **by_link.get(link.index, {})} for link in self.links]
         return total
