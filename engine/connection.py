@@ -218,6 +218,16 @@ class EngineClient:
             await asyncio.wait_for(self._task, timeout)
         self.writer.close()
 
+    async def release(self, timeout: float = 10.0) -> None:
+        """Leave a standalone engine, which may serve others and outlives this front end: this front end's
+        jobs end now (their done events arrive first), then the connection closes; the engine runs on."""
+        if self.dead is None:
+            with contextlib.suppress(EngineUnavailable, EngineRefused, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.request("release"), timeout)
+        self.writer.close()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, timeout)
+
     # -- the reader ---------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:

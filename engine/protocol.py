@@ -9,7 +9,8 @@ msgpack frames itself, so a streaming ``Unpacker`` needs no length prefix, and i
 
 Front end to engine, each with a request number ``req`` that the reply carries back:
   ``{"type": "submit", "req", "job_id", "params": {...Engine.submit keywords}}``
-  ``{"type": "cancel", "req", "job_id"}``, ``{"type": "stats", "req"}``, ``{"type": "shutdown", "req"}``
+  ``{"type": "cancel", "req", "job_id"}``, ``{"type": "stats", "req"}``, ``{"type": "shutdown", "req"}``,
+  ``{"type": "release", "req"}`` (cancel this front end's jobs, before it hangs up on an engine it shares)
 Engine to front end:
   ``{"type": "ready", "info": {...}}`` once the model is loaded, first on every connection;
   ``{"type": "reply", "req", "ok", "result" | "error", "code", "field"}``;

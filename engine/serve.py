@@ -37,6 +37,7 @@ log = logging.getLogger("hogwild.engine")
 
 IDLE_WAIT_S = 0.5  # how long an idle engine sleeps in select before checking for shutdown
 AUTH_TIMEOUT_S = 10.0  # a front end that has not answered the challenge by then is dropped
+AUTH_BYTES = 4096  # ... or that sends more than this before it has (an answer takes about 60)
 TOKENIZE_POLL_S = 0.002  # how often an otherwise idle engine looks for a tokenized submission
 # While it has work, the engine logs what it is doing this often (as vLLM does): an operator reading the
 # log sees load and speed without a metrics stack.
@@ -51,6 +52,7 @@ class Connection:
     peer: str = "the server"
     nonce: bytes = b""  # the challenge it must answer; empty once it has (or when none was asked)
     deadline: float = 0.0  # ... by then
+    unanswered_bytes: int = 0  # what it sent before answering
 
 
 @dataclasses.dataclass
@@ -159,6 +161,11 @@ class EngineService:
                 )
             self._drop(conn)
             return
+        if conn.nonce:
+            conn.unanswered_bytes += len(data)
+            if conn.unanswered_bytes > AUTH_BYTES:
+                self._refuse(conn, f"over {AUTH_BYTES} bytes sent before answering the challenge")
+                return
         try:
             conn.unpacker.feed(data)
             for message in conn.unpacker:
@@ -221,6 +228,13 @@ class EngineService:
             reply["result"] = self.stats()
         elif kind == "shutdown":
             self.stopping = True
+            reply["result"] = True
+        elif (
+            kind == "release"
+        ):  # the front end leaves: its jobs end now (their done first), the engine runs on
+            for job_id in list(conn.jobs):
+                self.engine.cancel(job_id)
+            self._deliver(self.engine.take_outbox())
             reply["result"] = True
         else:
             reply.update(ok=False, code=protocol.INVALID, error=f"unknown command {kind!r}")

@@ -215,11 +215,18 @@ class Hub:
             self._watch = asyncio.create_task(self._watchdog())
 
     async def stop(self) -> None:
-        """Graceful: the engines cancel what is open, so every stream gets its done event."""
+        """Graceful: the engines cancel what is open, so every stream gets its done event. Spawned engines
+        are shut down; standalone ones, which may serve other servers, are only left."""
         self.stopping = True
         if self._watch is not None:
             self._watch.cancel()
-        await asyncio.gather(*(link.client.close() for link in self.links if link.client is not None))
+        await asyncio.gather(
+            *(
+                link.client.close() if link.address is None else link.client.release()
+                for link in self.links
+                if link.client is not None
+            )
+        )
         self.store.fail_open("the server is shutting down")
 
     # -- jobs ---------------------------------------------------------------------------------------

@@ -3,19 +3,24 @@ its own jobs, and a standalone engine with a secret serves only the servers that
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from engine import protocol
+from engine.connection import EngineClient
 from server.settings import Settings, parse_settings
 from tests.server_process import ServerProcess, free_port, running_server
 from tests.test_server import api, events_of, metric_values, sse, submit, wait_for
@@ -138,7 +143,14 @@ def guarded_engine(
     while "listening on" not in log.read_text():
         assert engine.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
-    yield {"address": address, "secret": secret, "wrong": wrong, "log": log, "folder": folder}
+    yield {
+        "address": address,
+        "secret": secret,
+        "wrong": wrong,
+        "log": log,
+        "folder": folder,
+        "engine": engine,
+    }
     engine.terminate()
     engine.wait(timeout=WAIT_S)
 
@@ -191,7 +203,56 @@ def test_an_engine_with_a_secret_serves_a_server_that_holds_it(
         assert job["usage"]["completion_tokens"] > 0
         [engine] = httpx.get(f"{server.url}/ready").json()["engines"]
         assert engine["address"] == guarded_engine["address"] and engine["pid"] is None
+        running = submit(http, max_tokens=1000, quick_check_every=0)
+        server.process.terminate()  # a graceful stop ends the server's own jobs on the engine ...
+        assert server.process.wait(timeout=WAIT_S) == 0
     assert "is authenticated" in guarded_engine["log"].read_text()
+    assert (
+        guarded_engine["engine"].poll() is None
+    )  # ... and leaves the engine, which may serve others, running
+    secret = protocol.read_secret(str(guarded_engine["secret"]))
+
+    async def ask() -> dict[str, Any]:
+        client = await EngineClient.connect(guarded_engine["address"], print, print, WAIT_S, secret)
+        try:
+            return await client.stats()
+        finally:
+            await client.release()
+
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own (the dashboard tests leave one running)
+        stats = pool.submit(asyncio.run, ask()).result()
+    assert stats["running"] == stats["queued"] == 0, running
+    assert stats["free_pages"] == stats["total_pages"]
+
+
+def test_the_challenge_on_the_wire(guarded_engine: dict[str, Any]) -> None:
+    """Only the HMAC of this connection's nonce under the secret opens it; anything else closes it with the
+    reason, before any command is read."""
+
+    def exchange(send: bytes) -> list[dict[str, Any]]:
+        host, port = guarded_engine["address"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=WAIT_S) as sock:
+            unpacker = protocol.unpacker()
+            unpacker.feed(sock.recv(1 << 16))
+            challenge = next(unpacker)
+            assert challenge["type"] == "challenge" and len(challenge["nonce"]) == 32
+            secret = protocol.read_secret(str(guarded_engine["secret"]))
+            sock.sendall(
+                send
+                or protocol.pack({"type": "auth", "hmac": protocol.secret_answer(secret, challenge["nonce"])})
+            )
+            replies: list[dict[str, Any]] = []
+            while not replies or replies[-1]["type"] not in ("ready", "refused"):
+                unpacker.feed(sock.recv(1 << 16))
+                replies += list(unpacker)
+            return replies
+
+    assert exchange(b"")[-1]["type"] == "ready"  # the right answer
+    stats = protocol.pack({"type": "stats", "req": 0})
+    assert "no answer to the challenge" in exchange(stats)[-1]["error"]
+    wrong = protocol.pack({"type": "auth", "hmac": protocol.secret_answer(b"x" * 16, b"")})
+    assert "a wrong secret" in exchange(wrong)[-1]["error"]
+    assert "bytes sent before answering" in exchange(b"\xc1" * 5000)[-1]["error"]
 
 
 def test_an_engine_will_not_listen_beyond_loopback_without_a_secret(tiny_model_dir: Path) -> None:
