@@ -129,6 +129,7 @@ class Hub:
         ]
         for link in self.links:
             link.step_seconds = metrics.step.labels(link.name)
+            metrics.engine_up.labels(link.name).set(0)  # every engine has its series from the start
         self._last_token: dict[tuple[str, int], float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
