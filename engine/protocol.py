@@ -9,17 +9,27 @@ msgpack frames itself, so a streaming ``Unpacker`` needs no length prefix, and i
 
 Front end to engine, each with a request number ``req`` that the reply carries back:
   ``{"type": "submit", "req", "job_id", "params": {...Engine.submit keywords}}``
-  ``{"type": "cancel", "req", "job_id"}``, ``{"type": "stats", "req"}``, ``{"type": "shutdown", "req"}``
+  ``{"type": "cancel", "req", "job_id"}``, ``{"type": "stats", "req"}``, ``{"type": "shutdown", "req"}``,
+  ``{"type": "release", "req"}`` (cancel this front end's jobs, before it hangs up on an engine it shares)
 Engine to front end:
   ``{"type": "ready", "info": {...}}`` once the model is loaded, first on every connection;
   ``{"type": "reply", "req", "ok", "result" | "error", "code", "field"}``;
-  ``{"type": "events", "step", "step_s", "events": [...]}``: one message per decode step with every event
-  of that connection's jobs (Event.to_dict()) and how long the step took.
+  ``{"type": "events", "step", "step_s", "events": [...], "load": {...}}``: one message per decode step
+  with every event of that connection's jobs (Event.to_dict()), how long the step took, and the engine's
+  load after it (``running``, ``queued``, ``free_pages``; also in ``ready`` and a submission's reply), by
+  which a server with several engines routes its next job without asking.
+
+An engine listening with a secret first sends ``{"type": "challenge", "nonce": bytes}``; the front end
+answers ``{"type": "auth", "hmac": HMAC-SHA256(secret, nonce)}`` and gets ``ready``, or
+``{"type": "refused", "error"}`` and the connection closes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
+import ipaddress
 import math
 import socket
 from dataclasses import asdict, dataclass, field, fields
@@ -367,6 +377,32 @@ NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "Iva
 def worker_name(index: int) -> str:
     base = NAMES[index % len(NAMES)]
     return base if index < len(NAMES) else f"{base}{index // len(NAMES) + 1}"
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret of an engine and its servers: the file's bytes, surrounding whitespace dropped."""
+    with open(path, "rb") as f:
+        secret = f.read().strip()
+    if len(secret) < 16:
+        raise ValueError(f"the secret in {path} is shorter than 16 bytes")
+    return secret
+
+
+def secret_answer(secret: bytes, nonce: bytes) -> bytes:
+    """What a front end answers an engine's challenge with."""
+    return hmac.new(secret, nonce, hashlib.sha256).digest()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether an engine listening there is reachable from this machine only (a Unix socket is)."""
+    family, addr = parse_address(address)
+    if family == socket.AF_UNIX:
+        return True
+    host = addr[0]
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def parse_address(address: str) -> tuple[int, Any]:

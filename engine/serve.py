@@ -4,7 +4,8 @@ It owns the model, the pool and the scheduler. Between two decode steps it reads
 arrived (without blocking while there is work), then sends each front end one message with all the
 events of its jobs for that step. A front end that goes away has its jobs cancelled, so their pages
 come back. The listening socket is loopback unless told otherwise; a spawning server instead hands over
-one end of a socket pair (``--fd``).
+one end of a socket pair (``--fd``). Listening elsewhere takes a shared secret (``--secret-file``): each
+front end must answer a random challenge with its HMAC before it is served (or ``--insecure``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hmac
 import logging
 import os
 import selectors
@@ -34,6 +36,8 @@ from engine.protocol import EngineOptions, flag_help, parse_address, parse_bool
 log = logging.getLogger("hogwild.engine")
 
 IDLE_WAIT_S = 0.5  # how long an idle engine sleeps in select before checking for shutdown
+AUTH_TIMEOUT_S = 10.0  # a front end that has not answered the challenge by then is dropped
+AUTH_BYTES = 4096  # ... or that sends more than this before it has (an answer takes about 60)
 TOKENIZE_POLL_S = 0.002  # how often an otherwise idle engine looks for a tokenized submission
 # While it has work, the engine logs what it is doing this often (as vLLM does): an operator reading the
 # log sees load and speed without a metrics stack.
@@ -45,6 +49,10 @@ class Connection:
     sock: socket.socket
     unpacker: Any = dataclasses.field(default_factory=protocol.unpacker)
     jobs: set[str] = dataclasses.field(default_factory=set)
+    peer: str = "the server"
+    nonce: bytes = b""  # the challenge it must answer; empty once it has (or when none was asked)
+    deadline: float = 0.0  # ... by then
+    unanswered_bytes: int = 0  # what it sent before answering
 
 
 @dataclasses.dataclass
@@ -67,9 +75,16 @@ def refusal(exc: Exception) -> dict[str, Any]:
 
 
 class EngineService:
-    def __init__(self, engine: Engine, info: dict[str, Any], exit_when_alone: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        info: dict[str, Any],
+        exit_when_alone: bool = False,
+        secret: bytes | None = None,
+    ):
         self.engine = engine
         self.info = info
+        self.secret = secret  # front ends that connect must prove they hold it
         self.exit_when_alone = exit_when_alone  # spawned for one front end: end with it
         self.selector = selectors.DefaultSelector()
         self.connections: dict[socket.socket, Connection] = {}
@@ -89,17 +104,49 @@ class EngineService:
         sock.setblocking(False)
         self.selector.register(sock, selectors.EVENT_READ, self._accept)
 
-    def adopt(self, sock: socket.socket) -> None:
-        """A front end connects: greet it with what it needs to know before submitting."""
+    def adopt(self, sock: socket.socket, peer: str | None = None) -> None:
+        """A front end connects: greet it with what it needs to know before submitting, or first with a
+        challenge when it came through the listening socket and the engine has a secret."""
         sock.setblocking(True)
         conn = Connection(sock)
         self.connections[sock] = conn
         self.selector.register(sock, selectors.EVENT_READ, self._read)
-        self._send(conn, {"type": "ready", "info": self.info})
+        if peer is not None and self.secret is not None:
+            conn.peer, conn.nonce, conn.deadline = peer, os.urandom(32), time.monotonic() + AUTH_TIMEOUT_S
+            self._send(conn, {"type": "challenge", "nonce": conn.nonce})
+        else:
+            self._greet(conn)
+
+    def _greet(self, conn: Connection) -> None:
+        self._send(conn, {"type": "ready", "info": self.info, "load": self.load()})
 
     def _accept(self, sock: socket.socket) -> None:
-        client, _ = sock.accept()
-        self.adopt(client)
+        client, address = sock.accept()
+        self.adopt(client, peer=str(address or "a Unix socket"))
+
+    def _authenticate(self, conn: Connection, message: Any) -> None:
+        """The first message of a challenged front end: the HMAC of the nonce under the shared secret."""
+        assert self.secret is not None
+        answer = message.get("hmac") if isinstance(message, dict) and message.get("type") == "auth" else None
+        if isinstance(answer, bytes) and hmac.compare_digest(
+            answer, protocol.secret_answer(self.secret, conn.nonce)
+        ):
+            conn.nonce = b""
+            log.info("a front end from %s is authenticated", conn.peer)
+            self._greet(conn)
+            return
+        self._refuse(conn, "a wrong secret" if answer is not None else "no answer to the challenge")
+
+    def _refuse(self, conn: Connection, why: str) -> None:
+        log.error("refused a front end from %s: %s", conn.peer, why)
+        error = f"{why} (a front end must hold the engine's --secret-file)"
+        self._send(conn, {"type": "refused", "error": error})
+        self._drop(conn)
+
+    def _expire_challenges(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self.connections.values() if c.nonce and now > c.deadline]:
+            self._refuse(conn, f"no answer to the challenge within {AUTH_TIMEOUT_S:.0f} s")
 
     def _read(self, sock: socket.socket) -> None:
         conn = self.connections[sock]
@@ -108,14 +155,26 @@ class EngineService:
         except OSError:
             data = b""
         if not data:
+            if conn.nonce:
+                log.error(
+                    "refused a front end from %s: it hung up without answering the challenge", conn.peer
+                )
             self._drop(conn)
             return
+        if conn.nonce:
+            conn.unanswered_bytes += len(data)
+            if conn.unanswered_bytes > AUTH_BYTES:
+                self._refuse(conn, f"over {AUTH_BYTES} bytes sent before answering the challenge")
+                return
         try:
             conn.unpacker.feed(data)
             for message in conn.unpacker:
                 if conn.sock not in self.connections:  # dropped while answering an earlier message
                     return
-                self._handle(conn, message)
+                if conn.nonce:
+                    self._authenticate(conn, message)
+                else:
+                    self._handle(conn, message)
         except Exception as exc:  # undecodable bytes: this front end is cut off, the others go on
             log.warning("dropping a front end that sent a bad message: %s", exc)
             self._drop(conn)
@@ -170,6 +229,13 @@ class EngineService:
         elif kind == "shutdown":
             self.stopping = True
             reply["result"] = True
+        elif (
+            kind == "release"
+        ):  # the front end leaves: its jobs end now (their done first), the engine runs on
+            for job_id in list(conn.jobs):
+                self.engine.cancel(job_id)
+            self._deliver(self.engine.take_outbox())
+            reply["result"] = True
         else:
             reply.update(ok=False, code=protocol.INVALID, error=f"unknown command {kind!r}")
         return reply
@@ -213,8 +279,14 @@ class EngineService:
                 "prompt_tokens": len(job.prompt_ids),
                 "workers": [w.name for w in job.workers],
                 "options": job.resolved_options,
+                "load": self.load(),
             }
             self._send(conn, {"type": "reply", "req": item.req, "ok": True, "result": result})
+
+    def load(self) -> dict[str, int]:
+        """What a server with several engines routes by: sent with every events message and reply."""
+        engine = self.engine
+        return {"running": len(engine.running), "queued": len(engine.queue), "free_pages": engine.free_pages}
 
     def stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
@@ -234,6 +306,8 @@ class EngineService:
             if self.stopping:
                 self._deliver(self.engine.cancel_all())
                 break
+            if self.secret is not None:
+                self._expire_challenges()
             self._enqueue()
             if self.engine.outbox:  # a cancel's done goes out now, not after the next forward pass
                 self._deliver(self.engine.take_outbox())
@@ -280,8 +354,13 @@ class EngineService:
             if ev.type == "done":
                 del self.owner[ev.job_id]
                 conn.jobs.discard(ev.job_id)
+        if not by_conn:
+            return
+        load, step = self.load(), self.engine.steps
         for conn, batch in by_conn.items():
-            self._send(conn, {"type": "events", "step": self.engine.steps, "step_s": step_s, "events": batch})
+            self._send(
+                conn, {"type": "events", "step": step, "step_s": step_s, "events": batch, "load": load}
+            )
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -329,8 +408,31 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument(
         "--fd", type=int, default=None, help=flag_help("an inherited connected socket (spawned)", None)
     )
+    parser.add_argument(
+        "--secret-file",
+        default=None,
+        help=flag_help("a shared secret: front ends must prove they hold it (HMAC)", None),
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="listen beyond loopback without a secret (a trusted network)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    secret = None
+    if args.secret_file is not None:
+        try:
+            secret = protocol.read_secret(args.secret_file)
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the secret: %s", exc)
+            return protocol.BAD_SETUP
+    elif args.fd is None and not args.insecure and not protocol.is_loopback(args.address):
+        log.error(
+            "refusing to listen on %s without a secret: anyone who reaches it could run jobs. Give "
+            "--secret-file PATH (and the server --engine-secret-file PATH), or --insecure on a trusted "
+            "network",
+            args.address,
+        )
+        return protocol.BAD_SETUP
     try:
         engine = Engine.from_pretrained(
             args.model, device=args.device, dtype=args.dtype, **engine_options(args)
@@ -350,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
     }
-    service = EngineService(engine, info, exit_when_alone=args.fd is not None)
+    service = EngineService(engine, info, exit_when_alone=args.fd is not None, secret=secret)
     stopped_by: list[int] = []
 
     def stop(sig: int, frame: Any) -> None:
@@ -370,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         listener.bind(addr)
         listener.listen()
         service.listen(listener)
-        log.info("listening on %s", args.address)
+        log.info("listening on %s%s", args.address, " (front ends must hold the secret)" if secret else "")
     service.run()
     engine.close()
     return 130 if signal.SIGINT in stopped_by else 0  # Ctrl-C's status, as a shell's

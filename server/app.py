@@ -98,9 +98,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def start_engine() -> None:
         try:
             await hub.start()
+            if not hub.ready:  # standalone engines not up yet: the hub keeps trying, /ready says so
+                return
             info = hub.info
             log.info(
-                "ready: http://%s:%s (%s on %s, %s, %d KV pages of %d tokens, up to %d workers) in %.1f s",
+                "ready: http://%s:%s (%s on %s, %s, %d KV pages of %d tokens, up to %d workers%s) in %.1f s",
                 settings.host,
                 settings.port,
                 info.get("model"),
@@ -109,16 +111,13 @@ def create_app(settings: Settings) -> FastAPI:
                 info.get("total_pages", 0),
                 info.get("page_size", 0),
                 info.get("max_workers", 0),
+                f"; {len(hub.links)} engines" if len(hub.links) > 1 else "",
                 time.monotonic() - started,
             )
         except Exception as exc:
-            if settings.engine_address and isinstance(exc, EngineUnavailable):  # it may come up later
-                hub.background(hub.keep_starting(hub.why_not_started(exc)))
-                return
-            hub.engine_error = f"the engine failed to start: {exc}"
-            log.error(hub.engine_error)
+            log.error("the engine failed to start: %s", exc)
             stop = app.state.stop_server
-            if not hub.started and stop is not None:  # a bad set-up: stop, not serve 503 or retry for ever
+            if stop is not None:  # a bad set-up (any engine's first start failed): stop, not serve 503
                 app.state.exit_code = BAD_SETUP if getattr(exc, "status", None) == BAD_SETUP else 1
                 stop()
 
@@ -153,21 +152,28 @@ def create_app(settings: Settings) -> FastAPI:
     # -- operations ---------------------------------------------------------------------------------
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        """The server is up (200 however its engines are), and each engine's state."""
+        return {
+            "status": "ok",
+            "engines": [{"engine": e["engine"], "state": e["state"]} for e in hub.engines()],
+        }
 
     @app.get("/ready")
     async def ready() -> Response:
+        """200 while at least one engine takes jobs; each engine listed with its state and load."""
         await hub.probe()
+        engines = hub.engines()
         if hub.ready:
-            return JSONResponse({"status": "ready", "model": hub.model_name})
-        return JSONResponse({"status": "unavailable", "reason": hub.unavailable}, status_code=503)
+            return JSONResponse({"status": "ready", "model": hub.model_name, "engines": engines})
+        body = {"status": "unavailable", "reason": hub.unavailable, "engines": engines}
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         if hub.ready:
             with contextlib.suppress(EngineUnavailable, asyncio.TimeoutError):
-                metrics.engine_stats(await asyncio.wait_for(hub.engine().stats(), 5))
+                await hub.stats()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
@@ -214,13 +220,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @v1.get("/stats")
     async def engine_stats() -> dict[str, Any]:
-        """The engine's counters: jobs, pages, steps and the prefix cache (what /metrics exports)."""
+        """The engines' counters: jobs, pages, steps and the prefix cache (what /metrics exports), summed
+        over the engines that answer, and each engine's own under ``engines``."""
         try:
-            stats: dict[str, Any] = await asyncio.wait_for(hub.engine().stats(), 5)
+            return await hub.stats()
         except asyncio.TimeoutError:
             raise ApiError(503, "the engine did not answer within 5 s", "engine_unavailable") from None
-        metrics.engine_stats(stats)
-        return stats
 
     @v1.post("/jobs", status_code=201, response_model=None, responses=error_responses(408, 413, 429))
     async def create_job(body: JobRequest, request: Request) -> Response | dict[str, Any]:

@@ -33,6 +33,7 @@ class JobRecord:
     options: dict[str, Any]
     workers: list[WorkerState]
     prompt: str | list[dict[str, str]] = ""  # as submitted: the problem, or chat messages
+    engine: int = 0  # which of the server's engines runs it (the only one, but with data parallelism)
     prompt_tokens: int = 0
     status: str = "queued"
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -121,6 +122,7 @@ class JobRecord:
             "object": "job",
             "status": self.status,
             "model": model,
+            "engine": self.engine,
             "prompt": self.prompt,
             "options": self.options,
             "workers": [vars(w).copy() for w in self.workers],
@@ -163,9 +165,12 @@ class JobStore:
     def open(self) -> list[JobRecord]:
         return [r for r in self.jobs.values() if not r.ended]
 
-    def fail_open(self, message: str) -> None:
-        """The engine is gone: every open job ends with an error and a done, like the engine would."""
+    def fail_open(self, message: str, engine: int | None = None) -> None:
+        """The engine is gone: every open job (of that engine) ends with an error and a done, like the
+        engine would."""
         for record in self.open():
+            if engine is not None and record.engine != engine:
+                continue
             seq, so_far = len(record.events), record.usage_so_far()
             record.apply(Event.of(record.id, seq, Error(message)).to_dict())
             record.apply(Event.of(record.id, seq + 1, Done("error", so_far)).to_dict())

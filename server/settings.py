@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.protocol import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, EngineOptions, flag_help
@@ -25,7 +26,17 @@ class Settings(BaseSettings):
     dtype: str | None = Field(default=None, description=DTYPE_HELP)
     engine_address: str | None = Field(
         default=None,
-        description="host:port or Unix socket path of a standalone engine to use; unset: spawn one",
+        description="host:port or Unix socket path of a standalone engine to use, several joined by commas "
+        "(the flag may repeat): jobs go to the ready engine with the shortest queue, most free pages; "
+        "unset: spawn engines",
+    )
+    engine_secret_file: str | None = Field(
+        default=None, description="the secret the standalone engines were given (their --secret-file)"
+    )
+    data_parallel: int = Field(
+        default=1,
+        description="engines to spawn, each on GPUs of its own (engine i: devices i*TP .. (i+1)*TP-1 on "
+        "CUDA; on the CPU a share of the cores)",
     )
     api_key: SecretStr | None = Field(
         default=None, description="Bearer token required on every /v1 route; unset: none"
@@ -71,6 +82,46 @@ class Settings(BaseSettings):
     prefix_cache: bool | None = None
     tensor_parallel: int | None = None
 
+    @model_validator(mode="after")
+    def _engines(self) -> Settings:
+        if self.data_parallel < 1:
+            raise ValueError("data_parallel must be at least 1")
+        if self.data_parallel > 1 and self.engine_address:
+            raise ValueError("give either data_parallel (engines to spawn) or engine_address, not both")
+        if (
+            self.data_parallel > 1
+            and self.device.startswith("cuda")
+            and self.device not in ("cuda", "cuda:0")
+        ):
+            raise ValueError("with data_parallel give --device cuda: each engine gets GPUs of its own")
+        return self
+
+    @property
+    def engine_addresses(self) -> list[str]:
+        return [a.strip() for a in (self.engine_address or "").split(",") if a.strip()]
+
+    def engine_env(self, index: int) -> dict[str, str] | None:
+        """The environment of spawned engine ``index`` when there are several: on CUDA its own GPUs (of
+        those visible), on the CPU its share of the cores, unless OMP_NUM_THREADS says otherwise. None (this
+        process's environment) for a lone engine."""
+        if self.data_parallel == 1:
+            return None
+        env = dict(os.environ)
+        if self.device.startswith("cuda"):
+            tp = int(getattr(self, "tensor_parallel", None) or 1)  # GPUs per engine
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            count = self.data_parallel * tp
+            devices = visible.split(",") if visible else [str(i) for i in range(count)]
+            if len(devices) < count:
+                raise ValueError(
+                    f"{self.data_parallel} engines of {tp} GPUs need {count} GPUs, "
+                    f"CUDA_VISIBLE_DEVICES has {len(devices)}"
+                )
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp : (index + 1) * tp])
+        elif "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.data_parallel))
+        return env
+
     def engine_args(self) -> list[str]:
         """Flags for ``python -m engine.serve``: the model and every engine option that was set."""
         args = ["--device", self.device]
@@ -83,6 +134,9 @@ class Settings(BaseSettings):
             if value is not None:
                 args += ["--" + f.name.replace("_", "-"), str(value)]
         return args
+
+
+JOINED = ("engine_address",)  # repeatable flags of one comma-joined setting
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -102,17 +156,23 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             default = engine_fields[name].default
         kind = field.annotation
         many = list in (typing.get_origin(kind), *map(typing.get_origin, typing.get_args(kind)))
+        # A list: one or more values, and the flag may repeat (--cors-origins A B --cors-origins C). The
+        # engine addresses are one string (commas, as the environment gives them), the flag repeatable.
+        action = "extend" if many else "append" if name in JOINED else "store"
         parser.add_argument(
             flag,
             default=None,
-            # A list: one or more values, and the flag may repeat (--cors-origins A B --cors-origins C).
             nargs="+" if many else None,
-            action="extend" if many else "store",
+            action=action,
             metavar=_metavar(name, kind),
             help=flag_help(text, default),
         )
     given: dict[str, Any] = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return Settings(**given)
+    given.update({name: ",".join(given[name]) for name in JOINED if name in given})
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        parser.error("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()))
 
 
 def _metavar(name: str, kind: Any) -> str | None:

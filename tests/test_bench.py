@@ -133,6 +133,17 @@ def test_serve(tmp_path: Path, server_url: str, via: str, levels: str) -> None:
         assert 0 < row["cached_share"] < 1  # the template and instructions, never a request's own text
 
 
+def test_serve_against_one_and_two_engines(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``--data-parallel 1 2`` starts a server of each size and loads both alike."""
+    flags = f"--api-key {API_KEY} --concurrency 2 --num-requests 2 --max-tokens 4"
+    record = run_bench(tmp_path, f"serve --model {tiny_model_dir} --data-parallel 1 2 {flags}")
+    assert [row["data_parallel"] for row in record["results"]] == [1, 2]
+    for row in record["results"]:
+        assert row["failed"] == 0 and not row["errors"]
+        positive(row, "output_tokens_per_s", "requests_per_s")
+        assert 0 < row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"]
+
+
 def test_summary_percentiles() -> None:
     stats = summary([float(x) for x in range(1, 101)])
     assert stats == {"mean": 50.5, "p50": 50.5, "p99": 99.0}

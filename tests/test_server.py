@@ -78,9 +78,12 @@ def submit(http: httpx.Client, **body: Any) -> dict[str, Any]:
 
 
 def test_operations_endpoints(server: ServerProcess) -> None:
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server.url}/health").json()
+    assert health == {"status": "ok", "engines": [{"engine": 0, "state": "ready"}]}
     ready = httpx.get(f"{server.url}/ready").json()
     assert ready["status"] == "ready" and ready["model"]
+    [engine] = ready["engines"]
+    assert engine["state"] == "ready" and engine["pid"] == server.engine_pid() and engine["reason"] is None
     models = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()
     assert models["data"][0]["id"] == ready["model"]
 
@@ -233,12 +236,17 @@ def test_malformed_requests(http: httpx.Client, server: ServerProcess) -> None:
 
 
 def metric_values(server: ServerProcess) -> dict[str, float]:
+    """Every series by its name and labels; a family labelled by engine alone also summed under its name."""
     text = httpx.get(f"{server.url}/metrics").text
-    return {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.split(" ")[0], float(line.split(" ")[1])
+            values[key] = value
+            name, _, labels = key.partition("{")
+            if labels.startswith('engine="') and labels.count("=") == 1:
+                values[name] = values.get(name, 0.0) + value
+    return values
 
 
 def test_a_repeated_prompt_reads_its_prefix_from_the_cache(http: httpx.Client, server: ServerProcess) -> None:

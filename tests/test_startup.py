@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,28 @@ def test_a_gguf_is_converted_once_per_content(tmp_path: Path, monkeypatch: pytes
     assert loader.converted_gguf(first, torch.bfloat16) != converted[0] and len(converted) == 2
     loader.converted_gguf(first, torch.float32)  # another dtype is another conversion
     assert len(converted) == 3
+
+
+def test_engines_starting_together_convert_a_gguf_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server's several engines start at once: each converted the file and cleared the others' half-written
+    folder. Now one converts while the others wait, then read what it made."""
+    converted: list[Path] = []
+
+    def convert(folder: Path, name: str, target: Path, dtype: torch.dtype) -> None:
+        converted.append(target)
+        time.sleep(0.3)  # long enough for the other engines to arrive meanwhile
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    monkeypatch.setenv("HOGWILD_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    with ThreadPoolExecutor(3) as pool:
+        targets = set(pool.map(lambda _: loader.converted_gguf(gguf, torch.bfloat16), range(3)))
+    assert len(targets) == 1 and len(converted) == 1
 
 
 def test_the_kernel_build_is_keyed_by_its_sources_not_their_path(
