@@ -414,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         help=flag_help("a shared secret: front ends must prove they hold it (HMAC)", None),
     )
     parser.add_argument(
-        "--insecure", action="store_true", help="listen beyond loopback without a secret (a trusted network)"
+        "--insecure",
+        action="store_true",
+        help=flag_help("listen beyond loopback without a secret (a trusted network)", False),
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
