@@ -435,6 +435,10 @@ class Engine:
             self.running.remove(job)
             job.release(self.pool)
 
+    def lost(self) -> str | None:
+        """Why this engine can step no more (a tensor-parallel rank is gone), or None."""
+        return self.followers.lost() if self.followers is not None else None
+
     def close(self) -> None:
         """Stop the tensor-parallel ranks, if any (an engine of one rank holds nothing to stop)."""
         if self.followers is not None:

@@ -150,6 +150,10 @@ class RankSetup:
         return torch.device("cuda", (device.index or 0) + rank)
 
 
+class RankLost(RuntimeError):
+    """A follower is gone: no step can run until the engine is started again."""
+
+
 class Followers:
     """Rank 0's side: the follower processes, the process group, and the broadcast of commands."""
 
@@ -183,7 +187,19 @@ class Followers:
 
     def send(self, name: str, *args: Any) -> None:
         """Have every follower call ``ModelRunner.<name>(*args)``, as rank 0 is about to."""
+        lost = self.lost()
+        if lost:
+            raise RankLost(lost)
         dist.broadcast_object_list([(name, args)], src=0, group=self.group)
+
+    def lost(self) -> str | None:
+        """Why the ranks can no longer step together (a follower exited), or None while they can."""
+        gone = [
+            f"rank {i} exited with status {p.exitcode}"
+            for i, p in enumerate(self.processes, 1)
+            if not p.is_alive()
+        ]
+        return "; ".join(gone) or None
 
     def close(self) -> None:
         """Stop the followers and leave the process group (a later engine in this process may make one)."""

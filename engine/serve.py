@@ -90,6 +90,7 @@ class EngineService:
         self.connections: dict[socket.socket, Connection] = {}
         self.owner: dict[str, Connection] = {}
         self.stopping = False
+        self.lost: str | None = None  # why the engine had to stop (a tensor-parallel rank is gone)
         self.step_times: deque[float] = deque(maxlen=100)
         # Prompts are tokenized on a thread of their own, with a tokenizer of their own.
         self.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -303,6 +304,10 @@ class EngineService:
             wait = 0 if busy else TOKENIZE_POLL_S if self.tokenizing else IDLE_WAIT_S
             for key, _ in self.selector.select(wait):
                 key.data(key.fileobj)
+            self.lost = self.engine.lost()
+            if self.lost:  # a tensor-parallel rank is gone: this engine ends, and its server starts another
+                log.error("stopping: %s", self.lost)
+                self.stopping = True
             if self.stopping:
                 self._deliver(self.engine.cancel_all())
                 break
@@ -477,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("listening on %s%s", args.address, " (front ends must hold the secret)" if secret else "")
     service.run()
     engine.close()
+    if service.lost:
+        return 1  # a failure after a good start: the server starts the engine again
     return 130 if signal.SIGINT in stopped_by else 0  # Ctrl-C's status, as a shell's
 
 

@@ -5,6 +5,7 @@ is refused at start-up; a server runs jobs on two ranks and leaves no rank behin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +110,42 @@ def test_a_split_that_cannot_be_made_is_refused(tok: Any, ranks: int, device: st
         engine(tiny_model("qwen2-bias", tok), tok, tensor_parallel=ranks, device=device)
 
 
-def test_a_server_runs_jobs_on_two_ranks_and_leaves_none_behind(tiny_model_dir: Path, tmp_path: Path) -> None:
+def ranks_of(server: Any) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """The spawned engine's follower ranks, and all its children (multiprocessing's tracker too)."""
+    children = psutil.Process(server.engine_pid()).children()
+    return [c for c in children if "spawn_main" in " ".join(c.cmdline())], children
+
+
+def run_job(http: httpx.Client) -> dict[str, Any]:
+    job = http.post("/v1/jobs", json={"prompt": PROMPT, "workers": 2, "max_tokens": 16}).json()
+    with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+        lines = [line for line in events.iter_lines() if line.startswith("event:")]
+    assert lines[-1] == "event: done"
+    return dict(http.get(f"/v1/jobs/{job['id']}").json())
+
+
+def test_a_server_runs_jobs_on_two_ranks_restarts_a_lost_one_and_leaves_none_behind(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     with running_server(tiny_model_dir, tmp_path, "--tensor-parallel", "2") as server:
-        children = psutil.Process(server.engine_pid()).children()  # rank 1, and multiprocessing's tracker
-        ranks = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        ranks, children = ranks_of(server)
         assert len(ranks) == 1  # rank 0 is the engine process itself
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
-            job = http.post("/v1/jobs", json={"prompt": PROMPT, "workers": 2, "max_tokens": 16}).json()
-            with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
-                lines = [line for line in events.iter_lines() if line.startswith("event:")]
-            assert lines[-1] == "event: done"
-            done = http.get(f"/v1/jobs/{job['id']}").json()
+            done = run_job(http)
             assert done["status"] == "finished" and done["usage"]["completion_tokens"] > 0
-    psutil.wait_procs(children, timeout=30)
-    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+            # A lost rank stops its engine even while idle; the server starts a new one.
+            engine = server.engine_pid()
+            ranks[0].kill()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                ready = http.get("/ready")
+                if ready.status_code == 200 and server.engine_pid() != engine:
+                    break
+                time.sleep(0.25)
+            assert server.engine_pid() != engine, ready.text
+            assert run_job(http)["status"] == "finished"
+            ranks, more = ranks_of(server)
+            assert len(ranks) == 1
+    psutil.wait_procs(children + more, timeout=30)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children + more)
