@@ -37,6 +37,21 @@ SHAPES: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]] = {
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
     ),
+    # Small enough to run on a CPU, with heads that split two ways: tensor parallelism on the CPU.
+    "qwen2.5-0.5b": (
+        Qwen2Config,
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
     "qwen3-8b": (
         Qwen3Config,
         dict(
