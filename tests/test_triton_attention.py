@@ -94,7 +94,8 @@ def test_auto_picks_triton_on_cuda_where_it_runs(monkeypatch: pytest.MonkeyPatch
 
 
 def test_engine_with_triton_matches_reference(tok: Any) -> None:
-    model = tiny_model("llama-gqa4", tok)
+    """Eager steps, q/k norms in the fused epilogue (the static-graph test below covers llama on the CPU)."""
+    model = tiny_model("qwen3-qknorm", tok)
     torch.nn.Module.to(model, DEVICE)  # the reference replays on the engine's device
     eng = Engine.from_hf(model, tok, page_size=4, num_pages=4096, attention="triton", prefill_chunk=96)
     job = eng.generate("Add 2 and 3.", workers=3, max_tokens=16, finisher=False, trace=True)
@@ -133,7 +134,12 @@ def test_padded_plan_gives_the_same_outputs() -> None:
     assert torch.all(actual[tokens:] == 0)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa4", "qwen3-qknorm"])
+# In Triton's interpreter a family takes a minute and a half of the suite: there qwen3's q/k norms are left
+# to the eager test above, and a GPU runs both.
+INTERPRETED = pytest.mark.skipif(DEVICE != "cuda", reason="interpreted: the eager test covers q/k norms")
+
+
+@pytest.mark.parametrize("family", ["llama-gqa4", pytest.param("qwen3-qknorm", marks=INTERPRETED)])
 def test_engine_steps_from_static_graph_buffers_match_reference(
     tok: Any, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
