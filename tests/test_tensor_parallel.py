@@ -22,6 +22,8 @@ from tests.models import FAMILIES, tiny_model
 from tests.oracle_cases import TOL_FLOAT32, Oracle, compare
 from tests.server_process import API_KEY, running_server
 
+# Two GPUs where there are (bench/gpu_check.sh runs this file there: NCCL), else two CPU processes (gloo).
+DEVICE = "cuda" if torch.cuda.device_count() >= 2 else "cpu"
 PROMPT = "Add 2 and 3."
 JOB: dict[str, Any] = dict(
     max_tokens=24, quick_check_every=6, finisher=True, instructions="short", trace=True
@@ -31,6 +33,11 @@ LAYOUTS = [("combined", 3), ("interleaved", 2), ("contiguous", 2), ("plain", 1)]
 
 def engine(model: Any, tok: Any, **options: Any) -> Engine:
     return Engine.from_hf(model, tok, page_size=4, num_pages=4096, prefill_chunk=96, **options)
+
+
+def on_device(model: Any) -> Any:
+    """The model where the engine runs: the oracle replays there."""
+    return torch.nn.Module.to(model, DEVICE)
 
 
 def spread_error(a: Any, b: Any) -> float:
@@ -53,7 +60,7 @@ SPLIT_FAMILIES = [*FAMILIES, "llama-bias", "llama-tied"]
 
 @pytest.mark.parametrize("family", SPLIT_FAMILIES)
 def test_two_ranks_give_the_logits_of_one_and_pass_the_oracle(tok: Any, family: str) -> None:
-    model = tiny_model(family, tok)
+    model = on_device(tiny_model(family, tok))
     oracle = Oracle(model)
     one, two = engine(model, tok), engine(model, tok, tensor_parallel=2)
     try:
@@ -71,7 +78,7 @@ def test_two_ranks_give_the_logits_of_one_and_pass_the_oracle(tok: Any, family: 
 
 def test_bfloat16_ranks_stay_within_transformers_error(tok: Any) -> None:
     """bfloat16 (the CPU kernels' linear where the CPU has them), KV heads split two ways."""
-    model = torch.nn.Module.to(tiny_model("qwen3-qknorm", tok), torch.bfloat16)
+    model = torch.nn.Module.to(on_device(tiny_model("qwen3-qknorm", tok)), torch.bfloat16)
     two = engine(model, tok, tensor_parallel=2)
     try:
         job = two.generate(PROMPT, workers=3, layout="combined", **JOB)
