@@ -458,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "page_size": engine.options.page_size,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "tensor_parallel": engine.options.tensor_parallel,
     }
     service = EngineService(engine, info, exit_when_alone=args.fd is not None, secret=secret)
     stopped_by: list[int] = []

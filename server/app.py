@@ -101,12 +101,13 @@ def create_app(settings: Settings) -> FastAPI:
             if not hub.ready:  # standalone engines not up yet: the hub keeps trying, /ready says so
                 return
             info = hub.info
+            ranks = info.get("tensor_parallel", 1)
             log.info(
                 "ready: http://%s:%s (%s on %s, %s, %d KV pages of %d tokens, up to %d workers%s) in %.1f s",
                 settings.host,
                 settings.port,
                 info.get("model"),
-                info.get("device"),
+                f"{ranks} ranks from {info.get('device')}" if ranks > 1 else info.get("device"),
                 info.get("dtype"),
                 info.get("total_pages", 0),
                 info.get("page_size", 0),

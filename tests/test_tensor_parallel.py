@@ -143,6 +143,7 @@ def test_a_server_runs_jobs_on_two_ranks_restarts_a_lost_one_and_leaves_none_beh
     with running_server(tiny_model_dir, tmp_path, "--tensor-parallel", "2") as server:
         ranks, children = ranks_of(server)
         assert len(ranks) == 1  # rank 0 is the engine process itself
+        assert " on 2 ranks from cpu, " in server.log.read_text()  # the ready line
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
             done = run_job(http)
